@@ -1,0 +1,600 @@
+"""Which cell types were labeled: compare a sample's cell density with ABC type densities.
+
+:func:`score_types` ranks the types of a :class:`~cellmap2d.density.DensityFile` (or a mapping of
+volumes) for one brain; :func:`challenge_table` and :func:`challenge_scores` turn per-brain results
+into the MapMySections submission table and score it against the challenge's truth.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from scipy.optimize import nnls
+from scipy.special import rel_entr
+
+from cellmap2d.density import DensityFile, Grid, _bbox, _fold_ml, _fold_points, _points
+
+__all__ = [
+    "CHALLENGE_COLUMNS",
+    "RANK_BY",
+    "SCORE_COLUMNS",
+    "challenge_column",
+    "challenge_scores",
+    "challenge_table",
+    "score_types",
+]
+
+CHALLENGE_COLUMNS: tuple[str, ...] = (
+    "ABC.NN",
+    "Astro.TE.NN",
+    "CLA.EPd.CTX.Car3.Glut",
+    "Endo.NN",
+    "L2.3.IT.CTX.Glut",
+    "L4.5.IT.CTX.Glut",
+    "L5.ET.CTX.Glut",
+    "L5.IT.CTX.Glut",
+    "L5.NP.CTX.Glut",
+    "L6.CT.CTX.Glut",
+    "L6.IT.CTX.Glut",
+    "L6b.CTX.Glut",
+    "Lamp5.Gaba",
+    "Lamp5.Lhx6.Gaba",
+    "Lymphoid.NN",
+    "Microglia.NN",
+    "OPC.NN",
+    "Oligo.NN",
+    "Peri.NN",
+    "Pvalb.Gaba",
+    "Pvalb.chandelier.Gaba",
+    "SMC.NN",
+    "Sncg.Gaba",
+    "Sst.Chodl.Gaba",
+    "Sst.Gaba",
+    "VLMC.NN",
+    "Vip.Gaba",
+)
+SCORE_COLUMNS: tuple[str, ...] = ("reference_score", "pearson", "js_distance", "log_likelihood")
+# score → True when larger is better
+RANK_BY: dict[str, bool] = {
+    "fraction": True,
+    "reference_score": True,
+    "pearson": True,
+    "js_distance": False,
+    "log_likelihood": True,
+}
+HIGH_FRACTION = 0.05  # reference score: MSE over voxels where the type density > 5 % of its max
+LOW_FRACTION = 0.01  # reference score: penalty where the sample density < 1 % of its max
+LOG_FLOOR = 1e-6  # log_likelihood floor, relative to the uniform density 1 / n_mask_voxels
+_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter default
+_BLOCK = 1 << 16  # voxels per block in float64 products
+_SCORE_BLOCK = 1 << 22  # matrix elements per block when scoring
+_ID_COLUMNS = ("brain_id", "MapMySectionsID")
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+def score_types(
+    sample_ccf_um: np.ndarray,
+    densities: DensityFile | Mapping[str, np.ndarray],
+    mask: np.ndarray,
+    *,
+    grid: Grid | None = None,
+    sigma_um: float | None = None,
+    n_boot: int = 100,
+    seed: int = 0,
+    rank_by: str = "fraction",
+    fold_hemispheres: bool | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> pd.DataFrame:
+    """Score and rank cell types by how well their density explains the sample's cells.
+
+    The sample density is the histogram of the sample cells on the grid, smoothed with
+    ``sigma_um`` and normalised to sum 1 over ``mask``. Each type density is restricted to the
+    mask and renormalised there (types are read one at a time; only the masked values are kept,
+    as a types × mask-voxels float32 matrix, so memory ≈ 4 · n_types · mask.sum() bytes).
+
+    Parameters
+    ----------
+    sample_ccf_um
+        (n, 3) CCF µm ``(ap, dv, ml)`` of the sample's cells; non-finite rows are ignored.
+    densities
+        A :class:`~cellmap2d.density.DensityFile`, or a mapping type name → volume of
+        ``grid.shape`` (e.g. from :func:`~cellmap2d.density.type_densities`).
+    mask
+        bool volume of ``grid.shape``: the voxels compared (e.g. imaged sections ∧ brain, from
+        :func:`~cellmap2d.density.sampled_mask`).
+    grid, sigma_um
+        Taken from a DensityFile (a different ``grid`` is an error; ``sigma_um`` overrides the
+        file's sigma for the sample only); required for a mapping.
+    n_boot, seed
+        Bootstrap resamples of the cells for the fraction confidence interval (0: no interval,
+        NaN columns) and the random seed.
+    rank_by
+        ``"fraction"`` (default), ``"reference_score"``, ``"pearson"``, ``"js_distance"``
+        (smaller is better) or ``"log_likelihood"``.
+    fold_hemispheres
+        Mirror sample cells right of the midline to the left (and reflect the smoothed sample
+        at the midline) before comparing; default: the DensityFile's ``fold_hemispheres``
+        attribute, False for a mapping.
+    progress
+        Called with short progress messages.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per type, sorted by ``rank`` (1 = best), columns ``type, rank, fraction,
+        fraction_low, fraction_high, reference_score, pearson, js_distance, log_likelihood,
+        n_cells``:
+
+        - ``fraction``: non-negative least-squares mixture of the sample density by the type
+          densities, normalised to sum 1 — the estimated share of the labeled cells per type in
+          the sampled region; ``fraction_low/high``: 2.5/97.5 percentiles over ``n_boot``
+          bootstrap resamples of the cells.
+        - ``reference_score``: the CellMap2D score ``1 / (MSE + penalty)``, MSE over the voxels
+          where the type density exceeds 5 % of its maximum, penalty = share of the type's
+          density where the sample density is below 1 % of its maximum (normalised maps).
+        - ``pearson``: correlation of the two maps over the mask.
+        - ``js_distance``: Jensen–Shannon distance (base 2, in [0, 1]; 0 = identical maps).
+        - ``log_likelihood``: mean log of the type's normalised masked density at the voxels
+          of the sample cells inside the mask, floored at ``LOG_FLOOR / mask.sum()``.
+        - ``n_cells``: reference cells of the type (the DensityFile's count, or the total of the
+          mapping's volume).
+
+        Types with no density in the mask get fraction 0 and NaN scores (log_likelihood = log
+        of the floor). ``df.attrs`` holds ``n_sample_cells``, ``n_sample_cells_in_mask``,
+        ``n_mask_voxels``, ``sigma_um``, ``voxel_um``, ``rank_by``.
+
+    Notes
+    -----
+    Ranking: by ``rank_by`` (default the mixture fraction, because it is the only score that
+    separates a mixture into its parts and answers "what share of the labeled cells is each
+    type"), ties (in practice the many types with fraction 0) broken by Pearson correlation,
+    NaN last.
+
+    Raises
+    ------
+    ValueError
+        No sample cells, no sample cell inside the mask, an empty mask, shape mismatches, an
+        unknown ``rank_by``.
+    """
+    say = progress or (lambda _msg: None)
+    if rank_by not in RANK_BY:
+        raise ValueError(f"rank_by must be one of {list(RANK_BY)}, got {rank_by!r}")
+    if n_boot < 0:
+        raise ValueError(f"n_boot must be >= 0, got {n_boot}")
+
+    if isinstance(densities, DensityFile):
+        if grid is not None and grid != densities.grid:
+            raise ValueError(f"grid {grid} differs from the density file's grid {densities.grid}")
+        grid = densities.grid
+        sigma_um = densities.sigma_um if sigma_um is None else sigma_um
+        fold = densities.fold_hemispheres if fold_hemispheres is None else fold_hemispheres
+        names = list(densities.names)
+    else:
+        if grid is None or sigma_um is None:
+            raise ValueError("grid and sigma_um are required when densities is a mapping")
+        fold = bool(fold_hemispheres)
+        keys = list(densities)
+        names = [str(n) for n in keys]
+    if not names:
+        raise ValueError("no type densities given")
+    if not (math.isfinite(sigma_um) and sigma_um >= 0):
+        raise ValueError(f"sigma_um must be >= 0, got {sigma_um!r}")
+
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != grid.shape:
+        raise ValueError(f"mask shape {mask.shape} does not match grid shape {grid.shape}")
+    n_mask = int(mask.sum())
+    if n_mask == 0:
+        raise ValueError("the mask is empty: no voxel to compare")
+
+    pts = _points(sample_ccf_um) if np.size(sample_ccf_um) else np.empty((0, 3))
+    pts = pts[np.isfinite(pts).all(axis=1)]
+    n_cells_total = len(pts)
+    if n_cells_total == 0:
+        raise ValueError(
+            "no sample cells (zero cells with finite CCF coordinates): nothing to score"
+        )
+    if fold:
+        pts = _fold_points(pts)
+
+    sample = _Sample(pts, grid, mask, sigma_um, fold)
+    if sample.n_in_mask == 0:
+        raise ValueError(
+            f"none of the {n_cells_total} sample cells lies inside the mask ({n_mask} voxels)"
+        )
+    s = sample.vector(sample.counts)
+    if s is None:
+        raise ValueError("the smoothed sample density has no mass inside the mask")
+
+    # ---- type matrix (types × mask voxels), one type at a time
+    T = np.zeros((len(names), n_mask), dtype=np.float32)
+    n_ref = np.zeros(len(names), dtype=np.float64)
+    for i, name in enumerate(names):
+        if isinstance(densities, DensityFile):
+            values = densities.read_masked(name, mask)
+            n_ref[i] = densities.counts.get(name, np.nan)
+        else:
+            volume = np.asarray(densities[keys[i]])
+            if volume.shape != grid.shape:
+                raise ValueError(
+                    f"density of {name!r} has shape {volume.shape}, expected {grid.shape}"
+                )
+            values = volume[mask]
+            n_ref[i] = float(volume.sum(dtype=np.float64))
+        total = float(values.sum(dtype=np.float64))
+        if total > 0 and math.isfinite(total):
+            T[i] = values / total
+        say(f"types {i + 1}/{len(names)}: {name}")
+    has_mass = T.sum(axis=1, dtype=np.float64) > 0
+
+    # ---- mixture fit and bootstrap
+    solver = _MixtureSolver(T)
+    fraction = solver.fit(_matvec(T, s))
+    low = np.full(len(names), np.nan)
+    high = np.full(len(names), np.nan)
+    if n_boot > 0:
+        rng = np.random.default_rng(seed)
+        boots = np.empty((n_boot, len(names)))
+        valid = np.zeros(n_boot, dtype=bool)
+        batch = 16
+        for start in range(0, n_boot, batch):
+            stop = min(start + batch, n_boot)
+            S = np.zeros((n_mask, stop - start))
+            ok = np.zeros(stop - start, dtype=bool)
+            for j in range(stop - start):
+                sb = sample.vector(sample.resample(rng))
+                if sb is not None:
+                    S[:, j] = sb
+                    ok[j] = True
+            C = _matvec(T, S)
+            for j in np.flatnonzero(ok):
+                boots[start + j] = solver.fit(C[:, j])
+            valid[start:stop] = ok
+            say(f"bootstrap {stop}/{n_boot}")
+        if valid.any():
+            low, high = np.percentile(boots[valid], [2.5, 97.5], axis=0)
+
+    # ---- scores
+    scores = _scores(T, s, sample, n_mask)
+
+    table = pd.DataFrame(
+        {
+            "type": names,
+            "fraction": fraction,
+            "fraction_low": low,
+            "fraction_high": high,
+            **scores,
+            "n_cells": n_ref,
+        }
+    )
+    table.loc[~has_mass, ["reference_score", "pearson", "js_distance"]] = np.nan
+    larger_better = RANK_BY[rank_by]
+    keys = [rank_by] if rank_by == "pearson" else [rank_by, "pearson"]
+    table = table.sort_values(
+        keys,
+        ascending=[not larger_better] + [False] * (len(keys) - 1),
+        na_position="last",
+        kind="mergesort",
+    ).reset_index(drop=True)
+    table.insert(1, "rank", np.arange(1, len(table) + 1))
+    table.attrs.update(
+        {
+            "n_sample_cells": int(n_cells_total),
+            "n_sample_cells_in_mask": int(sample.n_in_mask),
+            "n_mask_voxels": n_mask,
+            "sigma_um": float(sigma_um),
+            "voxel_um": float(grid.voxel_um),
+            "rank_by": rank_by,
+        }
+    )
+    return table
+
+
+class _Sample:
+    """The sample's cells on a crop of the grid large enough to smooth the masked voxels exactly.
+
+    The crop is the mask's bounding box grown by the Gaussian kernel radius (the full ML axis when
+    folding), so smoothing the crop with reflecting edges gives the same values on the mask as
+    smoothing the whole grid.
+    """
+
+    def __init__(
+        self, pts: np.ndarray, grid: Grid, mask: np.ndarray, sigma_um: float, fold: bool
+    ) -> None:
+        self.grid = grid
+        self.fold = fold
+        self.sigma_vox = sigma_um / grid.voxel_um
+        radius = int(_TRUNCATE * self.sigma_vox + 0.5) + 1
+        box = _bbox(mask)
+        assert box is not None
+        crop = []
+        for axis, (sl, n) in enumerate(zip(box, grid.shape, strict=True)):
+            if fold and axis == 2:
+                crop.append(slice(0, n))
+            else:
+                crop.append(slice(max(sl.start - radius, 0), min(sl.stop + radius, n)))
+        self.crop = tuple(crop)
+        self.crop_shape = tuple(s.stop - s.start for s in self.crop)
+        self.crop_mask = mask[self.crop]
+        # crop-local voxel of each cell (-1 outside the crop)
+        idx = grid.index(pts) - np.array([s.start for s in self.crop])
+        inside = grid.inside(pts) & ((idx >= 0) & (idx < np.array(self.crop_shape))).all(axis=1)
+        local = np.full(len(pts), -1, dtype=np.int64)
+        local[inside] = np.ravel_multi_index(tuple(idx[inside].T), self.crop_shape)
+        self.n_total = len(pts)
+        self.voxels, self.counts = np.unique(local[inside], return_counts=True)
+        # mask-local position of each occupied voxel (-1 outside the mask)
+        mask_pos = np.full(int(np.prod(self.crop_shape)), -1, dtype=np.int64)
+        mask_pos[np.flatnonzero(self.crop_mask.ravel())] = np.arange(int(self.crop_mask.sum()))
+        self.mask_pos = mask_pos[self.voxels]
+        self.n_in_mask = int(self.counts[self.mask_pos >= 0].sum())
+        n_out = self.n_total - int(self.counts.sum())
+        self._p = np.append(self.counts, n_out) / self.n_total
+
+    def resample(self, rng: np.random.Generator) -> np.ndarray:
+        """Counts per occupied voxel of one bootstrap resample of all cells."""
+        return rng.multinomial(self.n_total, self._p)[:-1]
+
+    def vector(self, counts: np.ndarray) -> np.ndarray | None:
+        """Smoothed density normalised over the mask (float64, mask order); None if no mass."""
+        hist = np.bincount(
+            self.voxels, weights=counts.astype(np.float64), minlength=int(np.prod(self.crop_shape))
+        ).reshape(self.crop_shape)
+        if self.sigma_vox > 0:
+            hist = ndimage.gaussian_filter(
+                hist, sigma=self.sigma_vox, mode="reflect", truncate=_TRUNCATE
+            )
+        if self.fold:
+            _fold_ml(hist, self.grid)
+        values = hist[self.crop_mask]
+        total = float(values.sum())
+        if not (total > 0 and math.isfinite(total)):
+            return None
+        return values / total
+
+
+def _matvec(T: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """``T @ S`` in float64, in voxel blocks (T is float32 types × voxels)."""
+    out = np.zeros((T.shape[0],) + S.shape[1:])
+    for lo in range(0, T.shape[1], _BLOCK):
+        hi = min(lo + _BLOCK, T.shape[1])
+        out += T[:, lo:hi].astype(np.float64) @ S[lo:hi]
+    return out
+
+
+class _MixtureSolver:
+    """Non-negative least squares ``min ||Tᵀf − s||, f ≥ 0`` through the Gram matrix ``T Tᵀ``.
+
+    With ``G = V Λ Vᵀ`` the problem equals ``min ||Λ^½ Vᵀ f − Λ^-½ Vᵀ (T s)||`` (T s lies in the
+    range of G), a small types × types NNLS whatever the number of voxels.
+    """
+
+    def __init__(self, T: np.ndarray) -> None:
+        G = np.zeros((T.shape[0], T.shape[0]))
+        for lo in range(0, T.shape[1], _BLOCK):
+            block = T[:, lo : lo + _BLOCK].astype(np.float64)
+            G += block @ block.T
+        self.gram_diag = np.diag(G).copy()
+        w, V = np.linalg.eigh(G)
+        keep = w > max(float(w.max()), 0.0) * 1e-12
+        self.sqrt_w = np.sqrt(w[keep])
+        self.Vt = V[:, keep].T
+        self.A = self.sqrt_w[:, None] * self.Vt
+
+    def fit(self, c: np.ndarray) -> np.ndarray:
+        """Normalised NNLS weights for ``c = T s``; zeros if none is positive."""
+        k = self.Vt.shape[1]
+        if self.A.shape[0] == 0:
+            return np.zeros(k)
+        b = (self.Vt @ c) / self.sqrt_w
+        f, _ = nnls(self.A, b, maxiter=50 * k)
+        total = f.sum()
+        return f / total if total > 0 else np.zeros(k)
+
+
+def _scores(T: np.ndarray, s: np.ndarray, sample: _Sample, n_mask: int) -> dict[str, np.ndarray]:
+    k = T.shape[0]
+    ref = np.full(k, np.nan)
+    pearson = np.full(k, np.nan)
+    js = np.full(k, np.nan)
+    low = s < LOW_FRACTION * s.max()
+    s_c = s - s.mean()
+    s_norm = math.sqrt(float(s_c @ s_c))
+    s_varies = bool(np.ptp(s) > 1e-12 * s.max())
+    rows = max(1, _SCORE_BLOCK // max(n_mask, 1))
+    for lo in range(0, k, rows):
+        t = T[lo : lo + rows].astype(np.float64)
+        total = t.sum(axis=1)
+        ok = total > 0
+        # reference score (CellMap2D)
+        high = t > HIGH_FRACTION * t.max(axis=1, keepdims=True)
+        n_high = high.sum(axis=1)
+        mse = np.where(high, (s - t) ** 2, 0.0).sum(axis=1) / np.maximum(n_high, 1)
+        penalty = t[:, low].sum(axis=1) / np.where(ok, total, 1.0)
+        with np.errstate(divide="ignore"):
+            ref[lo : lo + rows] = np.where(ok, 1.0 / (mse + penalty), np.nan)
+        # Pearson
+        t_c = t - t.mean(axis=1, keepdims=True)
+        denom = np.sqrt((t_c * t_c).sum(axis=1)) * s_norm
+        varies = (np.ptp(t, axis=1) > 1e-12 * t.max(axis=1)) & s_varies
+        with np.errstate(invalid="ignore", divide="ignore"):
+            pearson[lo : lo + rows] = np.where(varies & (denom > 0), (t_c @ s_c) / denom, np.nan)
+        # Jensen–Shannon distance, base 2
+        m = 0.5 * (t + s)
+        div = 0.5 * (rel_entr(t, m).sum(axis=1) + rel_entr(s, m).sum(axis=1)) / math.log(2.0)
+        js[lo : lo + rows] = np.where(ok, np.sqrt(np.clip(div, 0.0, 1.0)), np.nan)
+    # log-likelihood of the sample cells inside the mask
+    in_mask = sample.mask_pos >= 0
+    pos, weight = sample.mask_pos[in_mask], sample.counts[in_mask].astype(np.float64)
+    floor = LOG_FLOOR / n_mask
+    log_density = np.log(np.maximum(T[:, pos].astype(np.float64), floor))
+    loglik = log_density @ weight / weight.sum()
+    return {"reference_score": ref, "pearson": pearson, "js_distance": js, "log_likelihood": loglik}
+
+
+# ------------------------------------------------------------------------------ challenge
+
+
+def challenge_column(subclass: str) -> str:
+    """MapMySections column of an ABC subclass name.
+
+    Drops a leading number prefix and replaces every character that is not a letter or digit
+    with ``.``: ``"007 L2/3 IT CTX Glut"`` → ``"L2.3.IT.CTX.Glut"``.
+    """
+    name = re.sub(r"^\s*\d+\s+", "", str(subclass)).strip()
+    return re.sub(r"[^A-Za-z0-9]", ".", name)
+
+
+def challenge_table(identity_long: pd.DataFrame) -> pd.DataFrame:
+    """The MapMySections submission table from per-brain type fractions.
+
+    Parameters
+    ----------
+    identity_long
+        Long table with columns ``brain_id``, ``type`` (ABC subclass names, with or without
+        number prefix) and ``fraction`` (e.g. the concatenated ``identity.csv`` files).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``brain_id`` (str) + the 27 :data:`CHALLENGE_COLUMNS`, one row per brain (in order of first
+        appearance), each row summing to 1: fractions of types outside the 27 are dropped and the
+        rest renormalised (types mapping to the same column add up). A brain with no mass on the
+        27 columns gets the uniform row 1/27 (no information is expressed as no preference).
+    """
+    missing = [c for c in ("brain_id", "type", "fraction") if c not in identity_long]
+    if missing:
+        raise ValueError(
+            f"identity table lacks column(s) {missing}; expected brain_id, type, fraction, "
+            f"found {list(identity_long.columns)}"
+        )
+    frame = pd.DataFrame(
+        {
+            "brain_id": identity_long["brain_id"].astype(str).to_numpy(),
+            "column": [challenge_column(t) for t in identity_long["type"]],
+            "fraction": pd.to_numeric(identity_long["fraction"], errors="coerce")
+            .fillna(0.0)
+            .to_numpy(),
+        }
+    )
+    if (frame["fraction"] < 0).any():
+        raise ValueError("identity fractions must be >= 0")
+    brains = pd.unique(frame["brain_id"])
+    known = frame[frame["column"].isin(CHALLENGE_COLUMNS)]
+    wide = known.pivot_table(
+        index="brain_id", columns="column", values="fraction", aggfunc="sum", fill_value=0.0
+    ).reindex(index=brains, columns=list(CHALLENGE_COLUMNS), fill_value=0.0)
+    values = wide.to_numpy(dtype=np.float64)
+    total = values.sum(axis=1, keepdims=True)
+    values = np.where(
+        total > 0, values / np.where(total > 0, total, 1.0), 1.0 / len(CHALLENGE_COLUMNS)
+    )
+    out = pd.DataFrame(values, columns=list(CHALLENGE_COLUMNS))
+    out.insert(0, "brain_id", list(brains))
+    return out
+
+
+def challenge_scores(truth: pd.DataFrame, predicted: pd.DataFrame) -> pd.DataFrame:
+    """MapMySections metrics of predicted against true subclass fractions, per tool.
+
+    Parameters
+    ----------
+    truth, predicted
+        Frames with the 27 :data:`CHALLENGE_COLUMNS` (extra columns ignored), one row per tool.
+        The tool id is a ``brain_id`` or ``MapMySectionsID`` column if present, else the first
+        column when it is not one of the 27 and not numeric, else the index. Truth may hold
+        counts or fractions: NaN counts as 0 in a row with any value; rows that are all NaN or
+        all zero (tools without truth) are skipped. Prediction NaN counts as 0; an all-zero
+        prediction row counts as uniform.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Indexed by tool id (index name ``brain_id``), one row per tool that has truth and a
+        prediction, in truth order. After normalising both rows to sum 1:
+        ``cross_entropy`` = −Σ truth·log(clip(pred, 1e-15, 1 − 1e-15)); ``brier`` =
+        Σ (pred − truth)²; ``r2`` = squared Pearson correlation of the two rows (NaN when one is
+        constant); ``any_correct_hit`` = predicted mass on subclasses with truth > 0; ``hit`` =
+        any_correct_hit ≥ 0.5; ``top1`` = the predicted top subclass (first on ties) is a top
+        truth subclass.
+
+    Raises
+    ------
+    ValueError
+        Missing columns, repeated ids, negative values, or no tool with both truth and
+        prediction.
+    """
+    t = _challenge_frame(truth, "truth")
+    p = _challenge_frame(predicted, "predicted")
+    t = t[t.notna().any(axis=1)].fillna(0.0)
+    t = t[t.sum(axis=1) > 0]
+    common = t.index[t.index.isin(p.index)]
+    if len(common) == 0:
+        raise ValueError(
+            "no tool has both truth and a prediction: truth ids (with truth) "
+            f"{list(t.index[:5])}…, predicted ids {list(p.index[:5])}…"
+        )
+    tv = t.loc[common].to_numpy(dtype=np.float64)
+    pv = p.loc[common].fillna(0.0).to_numpy(dtype=np.float64)
+    k = len(CHALLENGE_COLUMNS)
+    tv = tv / tv.sum(axis=1, keepdims=True)
+    p_total = pv.sum(axis=1, keepdims=True)
+    pv = np.where(p_total > 0, pv / np.where(p_total > 0, p_total, 1.0), 1.0 / k)
+
+    eps = 1e-15
+    cross_entropy = -(tv * np.log(np.clip(pv, eps, 1.0 - eps))).sum(axis=1)
+    brier = ((pv - tv) ** 2).sum(axis=1)
+    tc = tv - tv.mean(axis=1, keepdims=True)
+    pc = pv - pv.mean(axis=1, keepdims=True)
+    denom = np.sqrt((tc * tc).sum(axis=1) * (pc * pc).sum(axis=1))
+    constant = (np.ptp(tv, axis=1) <= 1e-12) | (np.ptp(pv, axis=1) <= 1e-12)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(~constant & (denom > 0), (tc * pc).sum(axis=1) / denom, np.nan)
+    any_correct = np.where(tv > 0, pv, 0.0).sum(axis=1)
+    top_pred = np.argmax(pv, axis=1)
+    top1 = tv[np.arange(len(tv)), top_pred] >= tv.max(axis=1)
+    out = pd.DataFrame(
+        {
+            "cross_entropy": cross_entropy,
+            "brier": brier,
+            "r2": r**2,
+            "any_correct_hit": any_correct,
+            "hit": any_correct >= 0.5,
+            "top1": top1,
+        },
+        index=pd.Index(common, name="brain_id"),
+    )
+    return out
+
+
+def _challenge_frame(frame: pd.DataFrame, what: str) -> pd.DataFrame:
+    """The 27 columns as float, indexed by str tool id."""
+    missing = [c for c in CHALLENGE_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{what} table lacks challenge column(s) {missing}")
+    key: Any = None
+    for name in _ID_COLUMNS:
+        if name in frame.columns:
+            key = name
+            break
+    if key is None and len(frame.columns) > 0:
+        first = frame.columns[0]
+        if first not in CHALLENGE_COLUMNS and not pd.api.types.is_numeric_dtype(frame[first]):
+            key = first
+    ids = frame[key] if key is not None else frame.index.to_series()
+    ids = pd.Index(ids.astype(str).to_numpy(), name="brain_id")
+    if not ids.is_unique:
+        raise ValueError(f"{what} tool ids repeat: {list(ids[ids.duplicated()][:5])}")
+    values = frame.loc[:, list(CHALLENGE_COLUMNS)].apply(pd.to_numeric, errors="raise")
+    values.index = ids
+    if (values < 0).any().any():
+        raise ValueError(f"{what} values must be >= 0")
+    return values.astype(np.float64)

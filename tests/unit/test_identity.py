@@ -1,0 +1,306 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellmap2d.density import DensityFile, Grid, histogram, smooth, type_densities, write_densities
+from cellmap2d.identity import (
+    CHALLENGE_COLUMNS,
+    challenge_column,
+    challenge_scores,
+    challenge_table,
+    score_types,
+)
+
+GRID = Grid(100.0, (2000.0, 2000.0, 2000.0))
+SIGMA = 150.0
+CENTRES = {
+    "A": (700.0, 1000.0, 800.0),
+    "B": (1300.0, 1000.0, 1200.0),
+    "C": (1000.0, 600.0, 1000.0),
+}
+
+
+def _draw(rng: np.random.Generator, name: str, n: int) -> np.ndarray:
+    return rng.normal(CENTRES[name], 220.0, size=(n, 3))
+
+
+@pytest.fixture(scope="module")
+def type_maps() -> dict[str, np.ndarray]:
+    """Three blob-shaped 'ABC types', each the smoothed histogram of 30 000 reference cells."""
+    rng = np.random.default_rng(11)
+    return {n: smooth(histogram(_draw(rng, n, 30_000), GRID), GRID, SIGMA) for n in CENTRES}
+
+
+FULL_MASK = np.ones(GRID.shape, dtype=bool)
+
+
+def test_sample_of_one_type_ranks_it_first_under_every_score(type_maps) -> None:
+    sample = _draw(np.random.default_rng(5), "A", 800)  # independent of the reference cells
+    for rank_by in ("fraction", "reference_score", "pearson", "js_distance", "log_likelihood"):
+        table = score_types(
+            sample, type_maps, FULL_MASK, grid=GRID, sigma_um=SIGMA, n_boot=0, rank_by=rank_by
+        )
+        assert table["type"].iloc[0] == "A", rank_by
+        assert list(table["rank"]) == [1, 2, 3]
+    by_type = table.set_index("type")
+    assert by_type["fraction"].idxmax() == "A"
+    assert by_type["reference_score"].idxmax() == "A"
+    assert by_type["pearson"].idxmax() == "A"
+    assert by_type["js_distance"].idxmin() == "A"
+    assert by_type["log_likelihood"].idxmax() == "A"
+    assert by_type.loc["A", "fraction"] > 0.95
+    assert by_type.loc["A", "n_cells"] == pytest.approx(30_000, rel=0.01)
+    assert list(table.columns) == [
+        "type",
+        "rank",
+        "fraction",
+        "fraction_low",
+        "fraction_high",
+        "reference_score",
+        "pearson",
+        "js_distance",
+        "log_likelihood",
+        "n_cells",
+    ]
+
+
+def test_mixture_recovers_planted_fractions(type_maps) -> None:
+    rng = np.random.default_rng(123)
+    sample = np.vstack([_draw(rng, "A", 1400), _draw(rng, "B", 600)])
+    table = score_types(sample, type_maps, FULL_MASK, grid=GRID, sigma_um=SIGMA, n_boot=60, seed=1)
+    by_type = table.set_index("type")
+    assert by_type["fraction"].sum() == pytest.approx(1.0)
+    assert by_type.loc["A", "fraction"] == pytest.approx(0.7, abs=0.04)
+    assert by_type.loc["B", "fraction"] == pytest.approx(0.3, abs=0.04)
+    assert by_type.loc["C", "fraction"] < 0.04
+    for name, truth in (("A", 0.7), ("B", 0.3)):
+        low, high = by_type.loc[name, ["fraction_low", "fraction_high"]]
+        assert low <= truth <= high, (name, low, high)
+        assert high - low < 0.2
+    assert list(table["type"][:2]) == ["A", "B"]
+    assert table.attrs["n_sample_cells"] == 2000
+
+
+def test_reference_score_and_other_scores_on_a_hand_computed_case() -> None:
+    grid = Grid(100.0, (100.0, 100.0, 400.0))  # 1 × 1 × 4 voxels along ML
+    t = np.array([1.0, 1.0, 0.0, 0.0]).reshape(grid.shape)  # → [.5, .5, 0, 0]
+    u = np.array([0.0, 0.0, 0.0, 3.0]).reshape(grid.shape)  # → [0, 0, 0, 1]
+    cells = np.array([[50.0, 50.0, 50.0]] * 3 + [[50.0, 50.0, 250.0]])  # s = [.75, 0, .25, 0]
+    mask = np.ones(grid.shape, dtype=bool)
+    table = score_types(cells, {"t": t, "u": u}, mask, grid=grid, sigma_um=0.0, n_boot=0)
+    row = table.set_index("type").loc["t"]
+
+    # MSE over t > 5 % of max (voxels 0, 1): ((.75 − .5)² + (0 − .5)²) / 2 = 0.15625
+    # penalty: t's mass where s < 1 % of max s (voxels 1, 3) = 0.5
+    assert row["reference_score"] == pytest.approx(1.0 / (0.15625 + 0.5))
+    assert row["pearson"] == pytest.approx(1.0 / math.sqrt(6.0))
+    kl_t = 0.5 * math.log2(0.5 / 0.625) + 0.5 * math.log2(0.5 / 0.25)
+    kl_s = 0.75 * math.log2(0.75 / 0.625) + 0.25 * math.log2(0.25 / 0.125)
+    assert row["js_distance"] == pytest.approx(math.sqrt(0.5 * (kl_t + kl_s)))
+    floor = 1e-6 / 4
+    assert row["log_likelihood"] == pytest.approx((3 * math.log(0.5) + math.log(floor)) / 4)
+    assert row["n_cells"] == 2.0
+    # NNLS: a·t + b·u ≈ s → a = 0.75, b = 0 → fractions 1, 0
+    assert row["fraction"] == pytest.approx(1.0)
+    assert table.set_index("type").loc["u", "fraction"] == pytest.approx(0.0)
+    assert table["fraction_low"].isna().all()  # n_boot = 0: no interval
+    # u: no overlap with s at the high voxels: MSE = (0 − 1)², penalty = 1 (s[3] = 0)
+    assert table.set_index("type").loc["u", "reference_score"] == pytest.approx(0.5)
+
+
+def test_identical_maps_have_zero_js_distance_including_crop_and_fold(tmp_path: Path) -> None:
+    """A type built from the sample's own cells over the whole grid matches the sample exactly,
+    also on a small mask (the sample is smoothed on a crop) and with folded hemispheres."""
+    grid = Grid(200.0)
+    rng = np.random.default_rng(3)
+    sample = rng.normal((6000.0, 4000.0, 5700.0), 500.0, size=(3000, 3))
+    other = rng.normal((8000.0, 3000.0, 3000.0), 500.0, size=(3000, 3))
+    obs = pd.DataFrame(
+        {"subclass": pd.Categorical(["same"] * 3000 + ["other"] * 3000)},
+        index=[str(i) for i in range(6000)],
+    )
+    cells = anndata.AnnData(
+        X=np.zeros((6000, 0), dtype=np.float32),
+        obs=obs,
+        obsm={"ccf": np.vstack([sample, other]).astype(np.float32)},
+    )
+    mask = np.zeros(grid.shape, dtype=bool)
+    mask[26:35, 15:26, 20:33] = True  # around the blob, straddling the midline (voxel 28.5)
+    for fold in (False, True):
+        path = tmp_path / f"d{fold}.h5"
+        items = type_densities(cells, grid=grid, sigma_um=400.0, fold_hemispheres=fold)
+        write_densities(
+            path,
+            items,
+            grid=grid,
+            level="subclass",
+            sigma_um=400.0,
+            attrs={"fold_hemispheres": fold},
+        )
+        with DensityFile(path) as densities:
+            table = score_types(cells.obsm["ccf"][:3000], densities, mask, n_boot=5).set_index(
+                "type"
+            )
+        assert table.loc["same", "js_distance"] == pytest.approx(0.0, abs=1e-3)
+        assert table.loc["same", "pearson"] == pytest.approx(1.0, abs=1e-6)
+        assert table.loc["same", "fraction"] == pytest.approx(1.0, abs=1e-3)
+        assert table["rank"].loc["same"] == 1
+
+
+def test_score_types_errors(type_maps) -> None:
+    with pytest.raises(ValueError, match="no sample cells"):
+        score_types(np.empty((0, 3)), type_maps, FULL_MASK, grid=GRID, sigma_um=SIGMA)
+    with pytest.raises(ValueError, match="no sample cells"):
+        score_types(np.full((4, 3), np.nan), type_maps, FULL_MASK, grid=GRID, sigma_um=SIGMA)
+    far = np.zeros(GRID.shape, dtype=bool)
+    far[0, 0, 0] = True
+    with pytest.raises(ValueError, match="inside the mask"):
+        score_types(np.array([[1000.0, 1000.0, 1000.0]]), type_maps, far, grid=GRID, sigma_um=SIGMA)
+    with pytest.raises(ValueError, match="required"):
+        score_types(np.array([[1000.0, 1000.0, 1000.0]]), type_maps, FULL_MASK)
+    with pytest.raises(ValueError, match="rank_by"):
+        score_types(
+            np.array([[1000.0, 1000.0, 1000.0]]),
+            type_maps,
+            FULL_MASK,
+            grid=GRID,
+            sigma_um=SIGMA,
+            rank_by="best",
+        )
+
+
+# ------------------------------------------------------------------------------ challenge
+
+
+def test_challenge_column() -> None:
+    assert challenge_column("007 L2/3 IT CTX Glut") == "L2.3.IT.CTX.Glut"
+    assert challenge_column("001 CLA-EPd-CTX Car3 Glut") == "CLA.EPd.CTX.Car3.Glut"
+    assert challenge_column("319 Astro-TE NN") == "Astro.TE.NN"
+    assert challenge_column("Pvalb chandelier Gaba") == "Pvalb.chandelier.Gaba"
+    assert challenge_column("L6b CTX Glut") == "L6b.CTX.Glut"
+    assert len(CHALLENGE_COLUMNS) == 27
+    assert CHALLENGE_COLUMNS[0] == "ABC.NN" and CHALLENGE_COLUMNS[-1] == "Vip.Gaba"
+
+
+def test_challenge_table_rows_sum_to_one() -> None:
+    long = pd.DataFrame(
+        {
+            "brain_id": [101, 101, 101, 202, 202],
+            "type": [
+                "007 L2/3 IT CTX Glut",
+                "046 Vip Gaba",
+                "100 Not In Challenge Glut",  # dropped before renormalising
+                "100 Not In Challenge Glut",
+                "200 Also Not NN",
+            ],
+            "fraction": [0.3, 0.1, 0.6, 0.9, 0.1],
+        }
+    )
+    table = challenge_table(long)
+    assert list(table.columns) == ["brain_id", *CHALLENGE_COLUMNS]
+    assert list(table["brain_id"]) == ["101", "202"]
+    np.testing.assert_allclose(table[list(CHALLENGE_COLUMNS)].sum(axis=1), 1.0)
+    first = table.iloc[0]
+    assert first["L2.3.IT.CTX.Glut"] == pytest.approx(0.75)
+    assert first["Vip.Gaba"] == pytest.approx(0.25)
+    # brain 202 has no mass on the 27 columns → uniform
+    np.testing.assert_allclose(table.iloc[1][list(CHALLENGE_COLUMNS)].astype(float), 1 / 27)
+
+
+def _row(values: dict[str, float]) -> dict[str, float]:
+    return {c: values.get(c, 0.0) for c in CHALLENGE_COLUMNS}
+
+
+def test_challenge_scores_hand_computed() -> None:
+    truth = pd.DataFrame(
+        [
+            {"brain_id": "t1", **_row({"L5.ET.CTX.Glut": 4.0})},  # counts: normalised → 1
+            {"brain_id": "t2", **{c: np.nan for c in CHALLENGE_COLUMNS}},  # no truth: skipped
+            {"brain_id": "t3", **_row({"Sst.Gaba": 1.0, "Vip.Gaba": 1.0})},
+        ]
+    )
+    predicted = pd.DataFrame(
+        [
+            {"brain_id": "t3", **_row({"Sst.Gaba": 0.2, "Pvalb.Gaba": 0.8})},
+            {"brain_id": "t1", **_row({"L5.ET.CTX.Glut": 0.6, "L6b.CTX.Glut": 0.4})},
+            {"brain_id": "t2", **_row({"Sst.Gaba": 1.0})},
+        ]
+    )
+    scores = challenge_scores(truth, predicted)
+    assert list(scores.index) == ["t1", "t3"]
+    t1 = scores.loc["t1"]
+    assert t1["cross_entropy"] == pytest.approx(-math.log(0.6))
+    assert t1["brier"] == pytest.approx(0.4**2 + 0.4**2)
+    assert t1["any_correct_hit"] == pytest.approx(0.6)
+    assert bool(t1["hit"]) and bool(t1["top1"])
+    m = 1 / 27  # both rows sum to 1, so both means are 1/27
+    r = (0.6 - 27 * m * m) / math.sqrt((1 - 27 * m * m) * (0.6**2 + 0.4**2 - 27 * m * m))
+    assert t1["r2"] == pytest.approx(r**2)
+    t3 = scores.loc["t3"]
+    # truth .5/.5 on Sst/Vip; prediction .2 Sst, .8 Pvalb, 0 Vip (clipped to 1e-15)
+    assert t3["cross_entropy"] == pytest.approx(-0.5 * math.log(0.2) - 0.5 * math.log(1e-15))
+    assert t3["brier"] == pytest.approx(0.3**2 + 0.5**2 + 0.8**2)
+    assert t3["any_correct_hit"] == pytest.approx(0.2)
+    assert not bool(t3["hit"]) and not bool(t3["top1"])
+
+
+def test_challenge_scores_index_keyed_frames() -> None:
+    truth = pd.DataFrame([_row({"Oligo.NN": 1.0})], index=["x"])
+    predicted = pd.DataFrame([_row({"Oligo.NN": 0.5, "OPC.NN": 0.5})], index=["x"])
+    scores = challenge_scores(truth, predicted)
+    assert scores.loc["x", "any_correct_hit"] == pytest.approx(0.5)
+    assert bool(scores.loc["x", "hit"])
+    with pytest.raises(ValueError, match="no tool"):
+        challenge_scores(truth, predicted.rename(index={"x": "y"}))
+    with pytest.raises(ValueError, match="Vip.Gaba"):
+        challenge_scores(truth.drop(columns="Vip.Gaba"), predicted)
+
+
+@pytest.fixture(scope="module")
+def training_truth(shared_data: Path) -> pd.DataFrame:
+    path = shared_data / "mapmysections" / "MapMySections_EntrantData.xlsx"
+    return pd.read_excel(path, sheet_name="Training Set")
+
+
+def test_challenge_scores_real_truth_against_itself(training_truth: pd.DataFrame) -> None:
+    with_truth = training_truth[list(CHALLENGE_COLUMNS)].fillna(0).sum(axis=1) > 0
+    scores = challenge_scores(training_truth, training_truth)
+    assert len(scores) == int(with_truth.sum()) > 100
+    assert scores["top1"].all()
+    np.testing.assert_allclose(scores["brier"], 0.0, atol=1e-15)
+    np.testing.assert_allclose(scores["any_correct_hit"], 1.0)
+    assert scores["hit"].all()
+    assert set(scores.index) == set(training_truth.loc[with_truth, "MapMySectionsID"])
+
+
+def test_challenge_scores_real_truth_against_uniform(training_truth: pd.DataFrame) -> None:
+    # MMS.training.004 as read from the sheet: counts Astro.TE 5, Endo 3, L2/3 IT 1, L4/5 IT 2,
+    # L6 CT 1, Pvalb 3, Sst 1 (16 in total; NaN elsewhere would be 0)
+    row = training_truth.set_index("MapMySectionsID").loc["MMS.training.004"]
+    counts = row[list(CHALLENGE_COLUMNS)].astype(float).fillna(0.0)
+    assert counts[counts > 0].to_dict() == {
+        "Astro.TE.NN": 5.0,
+        "Endo.NN": 3.0,
+        "L2.3.IT.CTX.Glut": 1.0,
+        "L4.5.IT.CTX.Glut": 2.0,
+        "L6.CT.CTX.Glut": 1.0,
+        "Pvalb.Gaba": 3.0,
+        "Sst.Gaba": 1.0,
+    }
+    uniform = pd.DataFrame({"brain_id": training_truth["MapMySectionsID"]})
+    for column in CHALLENGE_COLUMNS:
+        uniform[column] = 1.0
+    scores = challenge_scores(training_truth, uniform).loc["MMS.training.004"]
+    assert scores["cross_entropy"] == pytest.approx(math.log(27))
+    squares = (25 + 9 + 1 + 4 + 1 + 9 + 1) / 16**2
+    assert scores["brier"] == pytest.approx(squares - 2 / 27 + 27 / 27**2)
+    assert scores["any_correct_hit"] == pytest.approx(7 / 27)
+    assert not bool(scores["hit"])
+    assert not bool(scores["top1"])  # uniform → first column ABC.NN, truth 0 there
+    assert np.isnan(scores["r2"])  # a constant prediction has no correlation
