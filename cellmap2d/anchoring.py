@@ -34,6 +34,7 @@ __all__ = [
     "quicknii_to_ccf",
     "read_quint",
     "render_atlas_map",
+    "search_series",
     "write_quint",
 ]
 
@@ -714,3 +715,10 @@ def render_atlas_map(
     out = np.zeros(ow * oh, dtype=annotation.dtype)
     out[ok] = linear[yy[ok].astype(np.int64), xx[ok].astype(np.int64)]
     return out.reshape(oh, ow)
+
+
+def search_series(thumbnails, sections, **kwargs):  # noqa: ANN001, ANN201
+    """Anchor a section series by searching the atlas template; see :mod:`._plane_search`."""
+    from ._plane_search import search_series as _search
+
+    return _search(thumbnails, sections, **kwargs)

@@ -18,7 +18,16 @@ from scipy import ndimage
 from scipy.optimize import nnls
 from scipy.special import rel_entr
 
-from cellmap2d.density import DensityFile, Grid, _bbox, _fold_ml, _fold_points, _points
+from cellmap2d.density import (
+    DensityFile,
+    Grid,
+    _bbox,
+    _fold_ml,
+    _fold_points,
+    _points,
+    resample_mask,
+    sampled_mask,
+)
 
 __all__ = [
     "CHALLENGE_COLUMNS",
@@ -27,6 +36,7 @@ __all__ = [
     "challenge_column",
     "challenge_scores",
     "challenge_table",
+    "brain_identity",
     "score_types",
 ]
 
@@ -78,6 +88,40 @@ _ID_COLUMNS = ("brain_id", "MapMySectionsID")
 
 
 # ------------------------------------------------------------------------------ scoring
+
+
+def brain_identity(
+    cells_ccf_um: np.ndarray,
+    section_planes: list[tuple[np.ndarray, np.ndarray]],
+    densities: DensityFile,
+    *,
+    brain_mask: np.ndarray,
+    brain_mask_voxel_um: float,
+    section_spacing_um: float,
+    n_boot: int = 100,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> pd.DataFrame:
+    """Identity table of one brain, compared only where the brain was sampled.
+
+    The comparison mask holds the voxels within half a section spacing of the brain's section
+    planes and inside the brain (``brain_mask``, e.g. atlas annotation > 0 at its own voxel size).
+
+    Parameters
+    ----------
+    cells_ccf_um
+        The brain's cells, CCF µm ``(n, 3)``.
+    section_planes
+        ``(point_um, normal)`` of every imaged section with tissue.
+    densities
+        The atlas type densities.
+    """
+    grid = densities.grid
+    inside = resample_mask(brain_mask, brain_mask_voxel_um, grid)
+    mask = sampled_mask(grid, section_planes, half_thickness_um=section_spacing_um / 2,
+                        inside=inside)
+    return score_types(cells_ccf_um, densities, mask, n_boot=n_boot, seed=seed, progress=progress)
+
 
 
 def score_types(

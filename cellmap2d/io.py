@@ -25,6 +25,8 @@ __all__ = [
     "read_manifest",
     "to_level0",
     "from_level0",
+    "inspect_section",
+    "section_thumbnail",
     "write_ome_zarr",
 ]
 
@@ -294,3 +296,46 @@ def write_ome_zarr(
         group.attrs["omero"] = {
             "channels": [{"label": n, "active": True} for n in channel_names],
         }
+
+
+def section_thumbnail(
+    brain: BrainImage, z: int, channel: int, *, pixel_size_um: float
+) -> tuple[np.ndarray, int]:
+    """A section at the coarsest level whose pixels are no larger than ``pixel_size_um``.
+
+    Returns the float32 image and its level.
+    """
+    level = brain.level_for(pixel_size_um)
+    return brain.section(z, channel, level=level).astype(np.float32), level
+
+
+def inspect_section(brain: BrainImage, z: int, channels: Sequence[int]) -> dict[str, Any]:
+    """Check a section is usable and summarise it (from the coarsest level).
+
+    Raises
+    ------
+    ValueError
+        Naming brain and section, for non-numeric data, NaNs or a saturated section.
+    """
+    where = f"brain {brain.brain_id} section {z}"
+    level = len(brain.arrays) - 1
+    stats: dict[str, Any] = {"section": int(z), "level0_shape": list(brain.shape),
+                             "pixel_size_um": brain.pixel_size_um[0]}
+    for c in channels:
+        data = brain.section(z, c, level=level)
+        if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
+            raise ValueError(f"{where}: channel {c} has non-numeric dtype {data.dtype}")
+        if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+            raise ValueError(f"{where}: channel {c} contains NaN/inf; fix or exclude the section "
+                             "with the manifest's `sections` column")
+        lo, hi = (float(v) for v in np.percentile(data, [1, 99.9]))
+        stats[f"channel{c}_p1"], stats[f"channel{c}_p999"] = lo, hi
+        if np.issubdtype(data.dtype, np.integer) and data.size:
+            top = np.iinfo(data.dtype).max
+            saturated = float((data >= top).mean())
+            stats[f"channel{c}_saturated"] = saturated
+            if saturated > 0.5:
+                raise ValueError(f"{where}: channel {c} is saturated on {saturated:.0%} of pixels; "
+                                 "exclude the section with the manifest's `sections` column")
+    stats["empty"] = all(stats[f"channel{c}_p999"] == stats[f"channel{c}_p1"] for c in channels)
+    return stats

@@ -1,0 +1,26 @@
+"""Luigi tasks of the cellmap2d pipeline (thin: load, call one library function, write).
+
+Run with the ``cellmap2d`` command, or ``python -m luigi --module tasks Pipeline``.
+"""
+
+from ._config import cellmap2d
+from .brain import AnchorSeries, BrainCells
+from .celltypes import AtlasCellTypes, TypeDensities
+from .cohort import ChallengeTable, CohortIdentity, Identity, Pipeline
+from .sections import DetectCells, ReadSection, RefineSection, SectionThumbnail
+
+__all__ = [
+    "AnchorSeries",
+    "AtlasCellTypes",
+    "BrainCells",
+    "ChallengeTable",
+    "CohortIdentity",
+    "DetectCells",
+    "Identity",
+    "Pipeline",
+    "ReadSection",
+    "RefineSection",
+    "SectionThumbnail",
+    "TypeDensities",
+    "cellmap2d",
+]

@@ -1,0 +1,90 @@
+"""The ``[cellmap2d]`` section of ``luigi.cfg`` and cached loaders shared by the tasks."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import luigi
+
+from cellmap2d.atlas import Atlas, load_atlas
+from cellmap2d.io import BrainImage, BrainSpec, open_brain, read_manifest
+
+
+class cellmap2d(luigi.Config):  # noqa: N801  (the section name in luigi.cfg)
+    """Pipeline settings; every one can be set in ``luigi.cfg`` or on the command line."""
+
+    store = luigi.Parameter(default="store", description="output root")
+    manifest = luigi.Parameter(default="", description="brains manifest CSV")
+    atlas = luigi.Parameter(default="", description="Allen atlas dir or BrainGlobe name")
+    atlas_resolution = luigi.IntParameter(default=25, description="atlas voxel size (µm)")
+    abc = luigi.Parameter(default="", description="ABC Atlas cache directory")
+    abc_datasets = luigi.Parameter(default="MERFISH-C57BL6J-638850")
+    level = luigi.Parameter(default="subclass", description="taxonomy level for identity")
+    density_voxel_um = luigi.FloatParameter(default=100.0)
+    density_sigma_um = luigi.FloatParameter(default=150.0)
+    cell_diameter_um = luigi.FloatParameter(default=15.0)
+    detection_method = luigi.Parameter(default="log")
+    detection_threshold = luigi.FloatParameter(default=6.0)
+    registration_pixel_um = luigi.FloatParameter(default=50.0)
+    anchoring = luigi.ChoiceParameter(choices=["search", "quint"], default="search")
+    quint_dir = luigi.Parameter(default="", description="folder of <brain_id>.json (quint)")
+    syn = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+    bootstrap = luigi.IntParameter(default=100)
+
+
+def settings() -> cellmap2d:
+    return cellmap2d()
+
+
+def store() -> Path:
+    return Path(settings().store)
+
+
+@functools.lru_cache(maxsize=4)
+def _manifest(path: str) -> dict[str, BrainSpec]:
+    return {spec.brain_id: spec for spec in read_manifest(path)}
+
+
+def manifest() -> dict[str, BrainSpec]:
+    path = settings().manifest
+    if not path:
+        raise ValueError("no manifest configured: set [cellmap2d] manifest or pass --manifest")
+    return _manifest(str(Path(path).resolve()))
+
+
+def brain_spec(brain_id: str) -> BrainSpec:
+    specs = manifest()
+    if brain_id not in specs:
+        raise KeyError(f"brain {brain_id} is not in the manifest {settings().manifest}")
+    return specs[brain_id]
+
+
+@functools.lru_cache(maxsize=8)
+def brain_image(brain_id: str) -> BrainImage:
+    spec = brain_spec(brain_id)
+    return open_brain(spec.path, brain_id=brain_id, pixel_size_um=spec.pixel_size_um)
+
+
+def brain_sections(brain_id: str) -> list[int]:
+    """The sections to process: the manifest's ``sections`` or every z of the image."""
+    spec = brain_spec(brain_id)
+    n = brain_image(brain_id).n_sections
+    if spec.sections is None:
+        return list(range(n))
+    bad = [z for z in spec.sections if not 0 <= z < n]
+    if bad:
+        raise ValueError(f"brain {brain_id}: manifest sections {bad} outside 0..{n - 1}")
+    return list(spec.sections)
+
+
+@functools.lru_cache(maxsize=2)
+def _atlas(source: str, resolution: int) -> Atlas:
+    return load_atlas(source, resolution_um=resolution)
+
+
+def atlas() -> Atlas:
+    cfg = settings()
+    if not cfg.atlas:
+        raise ValueError("no atlas configured: set [cellmap2d] atlas or pass --atlas")
+    return _atlas(cfg.atlas, cfg.atlas_resolution)

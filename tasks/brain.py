@@ -1,0 +1,132 @@
+"""Per-brain tasks: anchor the series, assemble the brain's cells, QC figure."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import anndata as ad
+import luigi
+import numpy as np
+
+from cellmap2d.anchoring import DEFAULT_METADATA, read_quint, search_series, write_quint
+from cellmap2d.assemble import SectionPlacement, brain_anndata
+from cellmap2d.registration import Refinement
+
+from ._base import StoreTask
+from ._config import atlas, brain_image, brain_sections, brain_spec, settings
+from .sections import DetectCells, RefineSection, SectionThumbnail, load_thumbnail, read_cells
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class AnchorSeries(StoreTask):
+    """QUINT anchoring of the brain's series (opens in QuickNII/VisuAlign)."""
+
+    brain_id = luigi.Parameter()
+    relative_path = "brains/{brain_id}/anchoring.json"
+
+    def requires(self) -> dict[int, SectionThumbnail]:
+        return {z: SectionThumbnail(brain_id=self.brain_id, section=z)
+                for z in brain_sections(self.brain_id)}
+
+    def run(self) -> None:
+        quint = settings().anchoring == "quint"
+        series = self._user_anchoring() if quint else self._search()
+        with self.output().temporary_path() as tmp:
+            write_quint(tmp, series, metadata=series.metadata)
+
+    def _user_anchoring(self):
+        path = f"{settings().quint_dir}/{self.brain_id}.json"
+        series = read_quint(path)
+        have = {a.nr for a in series}
+        missing = sorted(set(brain_sections(self.brain_id)) - have)
+        if missing:
+            raise ValueError(f"brain {self.brain_id}: {path} has no slice for sections {missing} "
+                             "(slice `nr` must be the section's z index)")
+        return series
+
+    def _search(self):
+        thumbs = {z: load_thumbnail(t.path) for z, t in self.input().items()}
+        first = next(iter(thumbs.values()))
+        spec, brain = brain_spec(self.brain_id), brain_image(self.brain_id)
+        fit = search_series(
+            [t["autofluorescence"] for t in thumbs.values()], list(thumbs),
+            atlas=atlas(), thumbnail_pixel_um=float(first["pixel_um"]),
+            level0_shape=tuple(int(v) for v in first["level0_shape"]),
+            level0_pixel_um=brain.pixel_size_um[0],
+            section_spacing_um=spec.section_spacing_um, brain_id=self.brain_id,
+            progress=self.progress,
+        )
+        from cellmap2d.anchoring import QuintSeries
+
+        qc = {"method": "search", **fit.params,
+              "sections": fit.sections.to_dict(orient="list")}
+        return QuintSeries(fit.anchors, {**DEFAULT_METADATA, "name": self.brain_id,
+                                         "cellmap2d": _json_safe(qc)})
+
+
+def section_flags(anchoring_path: str) -> dict[int, str]:
+    with open(anchoring_path) as fh:
+        qc = json.load(fh).get("cellmap2d", {}).get("sections", {})
+    return dict(zip(qc.get("section", []), qc.get("flag", []), strict=True))
+
+
+class BrainCells(StoreTask):
+    """The brain's AnnData: every detected cell in CCF µm with its atlas region."""
+
+    brain_id = luigi.Parameter()
+    relative_path = "brains/{brain_id}/cells.h5ad"
+
+    def requires(self) -> dict[str, object]:
+        sections = brain_sections(self.brain_id)
+        kw = {"brain_id": self.brain_id}
+        return {
+            "anchoring": AnchorSeries(**kw),
+            "cells": [DetectCells(section=z, **kw) for z in sections],
+            "refined": {z: RefineSection(section=z, **kw) for z in sections},
+            "thumbnails": {z: SectionThumbnail(section=z, **kw) for z in sections},
+        }
+
+    def run(self) -> None:
+        inputs = self.input()
+        anchors = {a.nr: a for a in read_quint(inputs["anchoring"].path)}
+        flags = section_flags(inputs["anchoring"].path)
+        placements = {}
+        for z, target in inputs["refined"].items():
+            thumb = load_thumbnail(inputs["thumbnails"][z].path)
+            placements[z] = SectionPlacement(
+                anchor=anchors[z], refinement=Refinement.load(target.path),
+                factor=float(thumb["factor"]),
+                level0_shape=tuple(int(v) for v in thumb["level0_shape"]),
+                flag=flags.get(z, "") or "",
+            )
+        cells = read_cells([t.path for t in inputs["cells"]])
+        cfg, spec = settings(), brain_spec(self.brain_id)
+        adata = brain_anndata(
+            self.brain_id, cells, placements, atlas(),
+            pixel_size_um=brain_image(self.brain_id).pixel_size_um[0],
+            provenance={
+                "anchoring": cfg.anchoring, "detection_method": cfg.detection_method,
+                "cell_diameter_um": cfg.cell_diameter_um,
+                "section_spacing_um": spec.section_spacing_um, "image": spec.path,
+            },
+        )
+        with self.output().temporary_path() as tmp:
+            adata.write_h5ad(tmp)
+
+
+def read_cells_h5ad(path: str) -> ad.AnnData:
+    return ad.read_h5ad(path)
+
+
+def ccf_of(path: str) -> np.ndarray:
+    return np.asarray(read_cells_h5ad(path).obsm["ccf"])

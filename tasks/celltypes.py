@@ -1,0 +1,48 @@
+"""Atlas cell types: the ABC cells as one AnnData, and their densities on a CCF grid."""
+
+from __future__ import annotations
+
+import luigi
+
+from cellmap2d.celltypes import read_abc
+from cellmap2d.density import Grid, type_densities, write_densities
+
+from ._base import StoreTask
+from ._config import settings
+
+
+class AtlasCellTypes(StoreTask):
+    """ABC cells of the configured datasets (obs taxonomy, obsm['ccf'] µm)."""
+
+    relative_path = "celltypes/abc_cells.h5ad"
+
+    def run(self) -> None:
+        cfg = settings()
+        if not cfg.abc:
+            raise ValueError("no ABC directory configured: set [cellmap2d] abc or pass --abc")
+        datasets = tuple(d.strip() for d in cfg.abc_datasets.split(",") if d.strip())
+        cells = read_abc(cfg.abc, datasets, progress=self.progress)
+        with self.output().temporary_path() as tmp:
+            cells.write_h5ad(tmp)
+
+
+class TypeDensities(StoreTask):
+    """Smoothed density of every type at one taxonomy level and voxel size."""
+
+    level = luigi.Parameter()
+    voxel_um = luigi.FloatParameter()
+    sigma_um = luigi.FloatParameter()
+    relative_path = "celltypes/densities_{level}_{voxel_um:g}um.h5"
+
+    def requires(self) -> AtlasCellTypes:
+        return AtlasCellTypes()
+
+    def run(self) -> None:
+        import anndata as ad
+
+        cells = ad.read_h5ad(self.input().path)
+        grid = Grid(self.voxel_um)
+        items = type_densities(cells, level=self.level, grid=grid, sigma_um=self.sigma_um,
+                               progress=self.progress)
+        with self.output().temporary_path() as tmp:
+            write_densities(tmp, items, grid=grid, level=self.level, sigma_um=self.sigma_um)

@@ -1,0 +1,104 @@
+"""Identity per brain, and the tables joined over the cohort."""
+
+from __future__ import annotations
+
+import anndata as ad
+import luigi
+import pandas as pd
+
+from cellmap2d.anchoring import read_quint
+from cellmap2d.density import DensityFile
+from cellmap2d.identity import brain_identity, challenge_table
+
+from ._base import StoreTask
+from ._config import atlas, brain_spec, manifest, settings
+from .brain import AnchorSeries, BrainCells, section_flags
+from .celltypes import TypeDensities
+
+
+def densities_task() -> TypeDensities:
+    cfg = settings()
+    return TypeDensities(level=cfg.level, voxel_um=cfg.density_voxel_um,
+                         sigma_um=cfg.density_sigma_um)
+
+
+class Identity(StoreTask):
+    """Which atlas types the brain's labeled cells look like: one row per type."""
+
+    brain_id = luigi.Parameter()
+    relative_path = "brains/{brain_id}/identity.csv"
+
+    def requires(self) -> dict[str, luigi.Task]:
+        return {"cells": BrainCells(brain_id=self.brain_id),
+                "anchoring": AnchorSeries(brain_id=self.brain_id),
+                "densities": densities_task()}
+
+    def run(self) -> None:
+        cells = ad.read_h5ad(self.input()["cells"].path)
+        flags = section_flags(self.input()["anchoring"].path)
+        planes = []
+        for a in read_quint(self.input()["anchoring"].path):
+            if flags.get(a.nr) != "empty":
+                centre = a.to_ccf(a.width / 2, a.height / 2, width=a.width, height=a.height)[0]
+                planes.append((centre, a.normal()))
+        the_atlas = atlas()
+        with DensityFile(self.input()["densities"].path) as densities:
+            table = brain_identity(
+                cells.obsm["ccf"], planes, densities,
+                brain_mask=the_atlas.annotation > 0,
+                brain_mask_voxel_um=the_atlas.resolution_um,
+                section_spacing_um=brain_spec(self.brain_id).section_spacing_um,
+                n_boot=settings().bootstrap, progress=self.progress,
+            )
+        with self.output().temporary_path() as tmp:
+            table.to_csv(tmp, index=False)
+
+
+class _CohortTable(StoreTask):
+    """A cohort table; complete only when it covers exactly the manifest's brains."""
+
+    def brain_ids(self) -> list[str]:
+        return sorted(manifest())
+
+    def complete(self) -> bool:
+        if not self.output().exists():
+            return False
+        done = pd.read_csv(self.output().path, usecols=["brain_id"], dtype=str)["brain_id"]
+        return sorted(done.unique()) == self.brain_ids()
+
+
+class CohortIdentity(_CohortTable):
+    """All brains' identity tables, long format with a ``brain_id`` column."""
+
+    relative_path = "cohort/identity.csv"
+
+    def requires(self) -> dict[str, Identity]:
+        return {b: Identity(brain_id=b) for b in self.brain_ids()}
+
+    def run(self) -> None:
+        frames = [pd.read_csv(t.path).assign(brain_id=b) for b, t in self.input().items()]
+        table = pd.concat(frames, ignore_index=True)
+        table = table[["brain_id", *[c for c in table.columns if c != "brain_id"]]]
+        with self.output().temporary_path() as tmp:
+            table.to_csv(tmp, index=False)
+
+
+class ChallengeTable(_CohortTable):
+    """MapMySections submission: ``brain_id`` + 27 subclass fractions per brain, summing to 1."""
+
+    relative_path = "cohort/mapmysections.csv"
+
+    def requires(self) -> CohortIdentity:
+        return CohortIdentity()
+
+    def run(self) -> None:
+        long = pd.read_csv(self.input().path, dtype={"brain_id": str})
+        with self.output().temporary_path() as tmp:
+            challenge_table(long).to_csv(tmp, index=False)
+
+
+class Pipeline(luigi.WrapperTask):
+    """Everything for every brain of the manifest."""
+
+    def requires(self) -> list[luigi.Task]:
+        return [ChallengeTable()]

@@ -1,0 +1,226 @@
+"""Tests of cellmap2d.registration: ANTs refinement of a section against its atlas slice.
+
+The test image is a real Allen 25 µm template slice (``Atlas_Hipp.tif``, AP index ≈ 293), binned
+2× to 160 × 228 to keep ANTs fast. The "section" is that slice warped by a known map
+(section pixel → atlas-slice pixel: affine about the centre + a smooth sinusoidal displacement),
+so the true answer of ``Refinement.map_points`` is known everywhere.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from cellmap2d.registration import Refinement, refine, tissue_mask
+
+H, W = 160, 228
+THETA = np.radians(3.0)
+LINEAR = np.array([[np.cos(THETA), -np.sin(THETA)], [np.sin(THETA), np.cos(THETA)]]) @ np.diag(
+    [1.04, 0.97]
+)
+CENTRE = np.array([W / 2, H / 2])
+SHIFT = np.array([3.0, -2.0])
+
+
+def true_map(xy: np.ndarray) -> np.ndarray:
+    """Atlas-slice (x, y) of section pixels (x, y): the map the section was made with."""
+    xy = np.atleast_2d(np.asarray(xy, dtype=np.float64))
+    linear = (xy - CENTRE) @ LINEAR.T + CENTRE + SHIFT
+    bend = np.stack(
+        [1.0 * np.sin(2 * np.pi * xy[:, 1] / H), 0.75 * np.sin(2 * np.pi * xy[:, 0] / W)], axis=1
+    )
+    return linear + bend
+
+
+def _grid() -> np.ndarray:
+    yy, xx = np.mgrid[0:H, 0:W]
+    return np.stack([xx.ravel(), yy.ravel()], axis=1).astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def atlas_slice(shared_data: Path) -> np.ndarray:
+    """The real template slice, binned 2× (float32, 160 × 228)."""
+    import tifffile
+
+    full = tifffile.imread(shared_data / "sections" / "brainglobe" / "Atlas_Hipp.tif")
+    assert full.shape == (320, 456)
+    return full.astype(np.float32).reshape(H, 2, W, 2).mean(axis=(1, 3))
+
+
+@pytest.fixture(scope="module")
+def atlas_labels(shared_data: Path) -> np.ndarray:
+    """Real Allen ids of the same plane (annotation_25 AP index 293), every 2nd pixel."""
+    import nrrd
+
+    annotation, _ = nrrd.read(str(shared_data / "ccf" / "annotation_25.nrrd"))
+    return np.ascontiguousarray(annotation[293, ::2, ::2])
+
+
+@pytest.fixture(scope="module")
+def section(atlas_slice: np.ndarray) -> np.ndarray:
+    """The atlas slice pulled through the known map (bilinear, 0 outside)."""
+    pts = true_map(_grid())
+    warped = ndi.map_coordinates(atlas_slice, [pts[:, 1], pts[:, 0]], order=1, cval=0.0)
+    return warped.reshape(H, W).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def refinement(section: np.ndarray, atlas_slice: np.ndarray) -> Refinement:
+    return refine(section, atlas_slice)
+
+
+def test_refine_recovers_known_map(refinement: Refinement, section: np.ndarray) -> None:
+    """Section → atlas-slice positions match the known map within ~1 px over the tissue."""
+    assert refinement.method in ("affine", "syn")
+    assert refinement.shape == (H, W)
+    assert refinement.section_to_atlas.shape == (2, H, W)
+    tissue = tissue_mask(section).ravel()
+    grid = _grid()
+    error = np.linalg.norm(refinement.map_points(grid) - true_map(grid), axis=1)[tissue]
+    assert np.median(error) < 0.5
+    assert np.percentile(error, 95) < 1.5
+    # the anchoring alone (identity) would be several pixels off: the test can tell
+    assert np.median(np.linalg.norm(grid - true_map(grid), axis=1)[tissue]) > 3.0
+    assert refinement.qc["mask_dice"] > refinement.qc["mask_dice_anchoring"]
+
+
+def test_map_points_direction_section_to_atlas(refinement: Refinement) -> None:
+    """map_points takes section points to atlas-slice points (not the inverse) at sub-pixel level."""
+    pts = np.array([[0.3 * W, 0.4 * H], [0.5 * W, 0.5 * H], [0.7 * W, 0.6 * H], [60.25, 90.75]])
+    got = refinement.map_points(pts)
+    assert got.shape == (4, 2)
+    np.testing.assert_allclose(got, true_map(pts), atol=1.0)
+    # the inverse direction would be off by about twice the shift
+    inverse = 2 * pts - true_map(pts)
+    assert np.all(np.linalg.norm(got - inverse, axis=1) > 2.0)
+    single = refinement.map_points(pts[1])
+    assert single.shape == (1, 2)
+
+
+def test_warp_labels_agree_with_known_map(
+    refinement: Refinement, section: np.ndarray, atlas_labels: np.ndarray, shared_data: Path
+) -> None:
+    """Atlas labels carried onto the section agree with the labels the known map carries.
+
+    Checked on ≥ 95 % of tissue pixels at depth 6 of the ontology (78 regions here; at the full
+    170-id detail every 1-px border band counts, agreement is still ≥ 90 %). Allen ids above
+    2^24 come through unchanged (no float conversion).
+    """
+    from cellmap2d.atlas import read_ontology
+
+    ontology = read_ontology(shared_data / "ccf" / "structures.json")
+    got = refinement.warp_labels(atlas_labels)
+    assert got.dtype == atlas_labels.dtype and got.shape == (H, W)
+    target = np.rint(true_map(_grid())).astype(np.int64)
+    inside = (target[:, 0] >= 0) & (target[:, 0] < W) & (target[:, 1] >= 0) & (target[:, 1] < H)
+    expected = np.zeros(H * W, dtype=atlas_labels.dtype)
+    expected[inside] = atlas_labels[target[inside, 1], target[inside, 0]]
+    expected = expected.reshape(H, W)
+    tissue = tissue_mask(section)
+
+    def coarse(labels: np.ndarray) -> np.ndarray:
+        return ontology.rollup(labels.ravel(), 6).reshape(labels.shape)
+
+    assert (coarse(got) == coarse(expected))[tissue].mean() >= 0.95
+    assert (got == expected)[tissue].mean() >= 0.90
+    assert (atlas_labels == expected)[tissue].mean() < 0.6  # the anchoring alone is far off
+    big = atlas_labels[atlas_labels > 2**24]
+    assert big.size and set(np.unique(got[got > 2**24])) <= set(np.unique(big))
+    assert set(np.unique(got)) <= set(np.unique(atlas_labels)) | {0}
+
+
+def test_refine_is_deterministic(
+    refinement: Refinement, section: np.ndarray, atlas_slice: np.ndarray
+) -> None:
+    """A second run with the same inputs gives an identical dense map and method."""
+    again = refine(section, atlas_slice)
+    assert again.method == refinement.method
+    assert np.array_equal(again.section_to_atlas, refinement.section_to_atlas)
+
+
+def test_identical_images_keep_anchoring(atlas_slice: np.ndarray) -> None:
+    """Section = atlas slice: the anchoring stands, or the map is within 0.5 px of identity."""
+    result = refine(atlas_slice, atlas_slice)
+    grid = _grid()
+    shift = np.linalg.norm(result.map_points(grid) - grid, axis=1)
+    assert result.method == "anchoring" or shift.max() < 0.5
+    assert shift.max() < 0.5
+
+
+@pytest.mark.xfail(
+    reason="BUG: registration.refine adds mask_dice/min_jacobian to a dict that "
+    "Refinement.identity copied, so 'anchoring' results lack them",
+    strict=True,
+)
+def test_anchoring_result_has_documented_qc(atlas_slice: np.ndarray) -> None:
+    """When the anchoring stands, qc still reports the tissue-mask Dice (≈ 1 here)."""
+    result = refine(atlas_slice, atlas_slice)
+    assert result.method == "anchoring"
+    assert result.qc["mask_dice"] == pytest.approx(1.0)
+    assert result.qc["min_jacobian"] == pytest.approx(1.0)
+
+
+def test_empty_section_gives_identity(atlas_slice: np.ndarray) -> None:
+    """An all-zero section gives the identity map ('anchoring') without error."""
+    result = refine(np.zeros((H, W), np.float32), atlas_slice)
+    assert result.method == "anchoring"
+    yy, xx = np.mgrid[0:H, 0:W]
+    assert np.array_equal(result.section_to_atlas, np.stack([xx, yy]).astype(np.float32))
+    assert result.qc["tissue_px"] == 0.0
+
+
+def test_refine_rejects_bad_arguments(atlas_slice: np.ndarray) -> None:
+    """random_seed 0 (ANTs: clock seed) and shape mismatches raise ValueError."""
+    with pytest.raises(ValueError, match="random_seed"):
+        refine(atlas_slice, atlas_slice, random_seed=0)
+    with pytest.raises(ValueError):
+        refine(atlas_slice[:-1], atlas_slice)
+    with pytest.raises(ValueError):
+        refine(atlas_slice[None], atlas_slice[None])
+
+
+def test_identity_map_points_and_warp_labels() -> None:
+    """The identity refinement maps points to themselves and copies labels; outside gives 0."""
+    ident = Refinement.identity((4, 5))
+    pts = np.array([[0.0, 0.0], [4.0, 3.0], [1.25, 2.5]])
+    np.testing.assert_allclose(ident.map_points(pts), pts)
+    labels = np.arange(20, dtype=np.uint32).reshape(4, 5) + 600_000_000
+    assert np.array_equal(ident.warp_labels(labels), labels)
+    shifted = Refinement(ident.section_to_atlas + np.float32(2.0), "affine")
+    out = shifted.warp_labels(labels)
+    assert np.array_equal(out[:2, :3], labels[2:, 2:])
+    assert (out[2:, :] == 0).all() and (out[:, 3:] == 0).all()
+
+
+def test_save_load_round_trip(refinement: Refinement, tmp_path: Path) -> None:
+    """save/load through a path (name kept as given) and through an open binary file."""
+    path = tmp_path / "section_007.refine"
+    refinement.save(path)
+    assert path.is_file()
+    loaded = Refinement.load(path)
+    assert np.array_equal(loaded.section_to_atlas, refinement.section_to_atlas)
+    assert loaded.section_to_atlas.dtype == refinement.section_to_atlas.dtype
+    assert loaded.method == refinement.method
+    assert loaded.qc == refinement.qc
+
+    buffer = io.BytesIO()
+    refinement.save(buffer)
+    assert not buffer.closed
+    buffer.seek(0)
+    from_buffer = Refinement.load(buffer)
+    assert np.array_equal(from_buffer.section_to_atlas, refinement.section_to_atlas)
+    assert from_buffer.method == refinement.method and from_buffer.qc == refinement.qc
+
+    with open(tmp_path / "open.npz", "wb") as fh:
+        refinement.save(fh)
+    with open(tmp_path / "open.npz", "rb") as fh:
+        assert Refinement.load(fh).qc == refinement.qc
+
+    empty = Refinement.identity((3, 3))
+    empty.save(tmp_path / "empty.npz")
+    back = Refinement.load(tmp_path / "empty.npz")
+    assert back.qc == {} and back.method == "anchoring"

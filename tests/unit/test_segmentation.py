@@ -1,0 +1,220 @@
+"""Tests of cellmap2d.segmentation.detect_cells on synthetic spots and real nuclei."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage as ndi
+from scipy.optimize import linear_sum_assignment
+
+from cellmap2d.segmentation import DETECTION_COLUMNS, detect_cells
+
+DIAMETER_UM = 10.0
+
+
+def _spots(
+    spacing: float, *, size: int = 256, seed: int = 1, noise: float = 5.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian cells (diameter 10 px, σ = r/1.3) on a jittered grid, on background 100 + noise.
+
+    Amplitudes 60–120 over noise σ = 5 (SNR ≥ 12): every cell is unambiguous.
+    Returns the float32 image and the true (x, y) centres (sub-pixel).
+    """
+    rng = np.random.default_rng(seed)
+    sigma = DIAMETER_UM / 2 / 1.3
+    grid = np.arange(20.0, size - 20.0, spacing)
+    gx, gy = np.meshgrid(grid, grid)
+    centres = np.stack([gx.ravel(), gy.ravel()], axis=1) + rng.uniform(-3, 3, (gx.size, 2))
+    yy, xx = np.mgrid[0:size, 0:size]
+    image = 100.0 + rng.normal(0, noise, (size, size))
+    for (x, y), amp in zip(centres, rng.uniform(60, 120, len(centres)), strict=True):
+        image += amp * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
+    return image.astype(np.float32), centres
+
+
+def _match(found: np.ndarray, truth: np.ndarray, tol: float) -> tuple[float, float, np.ndarray]:
+    """One-to-one matching within ``tol``: recall, precision and the matched distances."""
+    if len(found) == 0:
+        return 0.0, 0.0, np.array([])
+    dist = np.linalg.norm(found[:, None, :] - truth[None, :, :], axis=2)
+    rows, cols = linear_sum_assignment(dist)
+    ok = dist[rows, cols] <= tol
+    return ok.sum() / len(truth), ok.sum() / len(found), dist[rows, cols][ok]
+
+
+def _xy(frame: pd.DataFrame) -> np.ndarray:
+    return frame[["x", "y"]].to_numpy()
+
+
+def test_detects_sparse_spots_at_subpixel_positions() -> None:
+    """Cells 4 diameters apart: recall and precision ≥ 0.95, position error < 0.5 px."""
+    image, centres = _spots(40.0)
+    found = detect_cells(image, pixel_size_um=1.0, cell_diameter_um=DIAMETER_UM)
+    assert list(found.columns) == list(DETECTION_COLUMNS)
+    recall, precision, dist = _match(_xy(found), centres, tol=3.0)
+    assert recall >= 0.95
+    assert precision >= 0.95
+    assert dist.max() < 0.5
+    assert (found["radius_um"] == DIAMETER_UM / 2).all()
+    assert (found["contrast"] > 0).all()
+    assert (found["intensity"] > found["background"]).all()
+
+
+def test_x_is_column_and_y_is_row() -> None:
+    """One spot at column 30.3, row 70.6 of a non-square image is reported as x=30.3, y=70.6."""
+    yy, xx = np.mgrid[0:100, 0:60]
+    rng = np.random.default_rng(0)
+    image = (
+        50 + rng.normal(0, 1, xx.shape) + 200 * np.exp(-((xx - 30.3) ** 2 + (yy - 70.6) ** 2) / 18)
+    )
+    found = detect_cells(image, pixel_size_um=0.5, cell_diameter_um=4.0)
+    assert len(found) == 1
+    assert found["x"].iloc[0] == pytest.approx(30.3, abs=0.3)
+    assert found["y"].iloc[0] == pytest.approx(70.6, abs=0.3)
+
+
+def test_same_physical_setting_at_two_pixel_sizes() -> None:
+    """The image binned 2× (pixel 2 µm) gives the same cells, positions scaled to level 0."""
+    image, centres = _spots(40.0)
+    fine = detect_cells(image, pixel_size_um=1.0, cell_diameter_um=DIAMETER_UM)
+    binned = image.reshape(128, 2, 128, 2).mean(axis=(1, 3))
+    coarse = detect_cells(binned, pixel_size_um=2.0, cell_diameter_um=DIAMETER_UM)
+    # binned pixel i covers fine pixels [2i, 2i+2): its centre is fine 2i + 0.5
+    coarse_at_fine = (_xy(coarse) + 0.5) * 2 - 0.5
+    recall, precision, dist = _match(coarse_at_fine, centres, tol=3.0)
+    assert recall >= 0.95 and precision >= 0.95
+    assert dist.max() < 1.0  # half a coarse pixel
+    recall, precision, dist = _match(coarse_at_fine, _xy(fine), tol=3.0)
+    assert recall == 1.0 and precision == 1.0
+    assert np.median(dist) < 0.5
+
+
+def test_pure_noise_gives_almost_no_detections() -> None:
+    """Gaussian noise alone (no cells) gives at most a couple of detections at the default threshold."""
+    rng = np.random.default_rng(5)
+    image = rng.normal(100, 5, (256, 256)).astype(np.float32)
+    found = detect_cells(image, pixel_size_um=1.0, cell_diameter_um=DIAMETER_UM)
+    assert len(found) <= 2
+
+
+@pytest.mark.xfail(
+    reason="BUG: segmentation noise = MAD of the LoG response, inflated by the cells themselves",
+    strict=True,
+)
+def test_detects_dense_spots() -> None:
+    """Cells 2.2 diameters apart (12 % of the area), SNR ≥ 12: recall and precision ≥ 0.95."""
+    image, centres = _spots(22.0)
+    found = detect_cells(image, pixel_size_um=1.0, cell_diameter_um=DIAMETER_UM)
+    recall, precision, dist = _match(_xy(found), centres, tol=3.0)
+    assert precision >= 0.95
+    assert recall >= 0.95
+    assert dist.max() < 0.5
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.zeros((0, 0), dtype=np.float32),
+        np.zeros((64, 64), dtype=np.uint16),
+        np.full((64, 64), 7.5, dtype=np.float64),
+    ],
+    ids=["empty", "zeros", "constant"],
+)
+def test_blank_images_give_no_rows_with_documented_columns(image: np.ndarray) -> None:
+    """Empty, all-zero and constant images give zero rows with every documented column."""
+    found = detect_cells(image, pixel_size_um=1.0, cell_diameter_um=DIAMETER_UM)
+    assert len(found) == 0
+    assert list(found.columns) == list(DETECTION_COLUMNS)
+    assert list(DETECTION_COLUMNS[:2]) == ["x", "y"]
+
+
+def test_bad_inputs_raise() -> None:
+    """NaN/inf → ValueError; non-numeric dtype → TypeError; 3-D → ValueError; bad sizes/method."""
+    image = np.ones((32, 32), dtype=np.float32)
+    image[3, 4] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        detect_cells(image, pixel_size_um=1.0, cell_diameter_um=DIAMETER_UM)
+    image[3, 4] = np.inf
+    with pytest.raises(ValueError):
+        detect_cells(image, pixel_size_um=1.0, cell_diameter_um=DIAMETER_UM)
+    for bad in (np.full((8, 8), "a"), np.ones((8, 8), dtype=bool), np.ones((8, 8), complex)):
+        with pytest.raises(TypeError):
+            detect_cells(bad, pixel_size_um=1.0, cell_diameter_um=DIAMETER_UM)
+    with pytest.raises(ValueError, match="2-D"):
+        detect_cells(np.ones((2, 8, 8)), pixel_size_um=1.0, cell_diameter_um=DIAMETER_UM)
+    with pytest.raises(ValueError):
+        detect_cells(np.ones((8, 8)), pixel_size_um=0.0, cell_diameter_um=DIAMETER_UM)
+    with pytest.raises(ValueError):
+        detect_cells(np.ones((8, 8)), pixel_size_um=1.0, cell_diameter_um=-1.0)
+    with pytest.raises(ValueError, match="method"):
+        detect_cells(np.ones((8, 8)), pixel_size_um=1.0, cell_diameter_um=10.0, method="dog")
+
+
+# --- real nuclei (DSB 2018 via StarDist) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stardist(shared_data: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Image, instance mask, mask centroids (x, y) and the median nucleus diameter (px)."""
+    import tifffile
+
+    image = tifffile.imread(shared_data / "cells" / "stardist" / "img2d.tif")
+    mask = tifffile.imread(shared_data / "cells" / "stardist" / "mask2d.tif")
+    ids = np.unique(mask)
+    ids = ids[ids > 0]
+    ones = np.ones_like(mask)
+    areas = np.asarray(ndi.sum(ones, mask, ids))
+    centroids = np.array(ndi.center_of_mass(ones, mask, ids))[:, ::-1]
+    diameter = float(2 * np.sqrt(np.median(areas) / np.pi))
+    return image, mask, centroids, diameter
+
+
+def _f1(found: np.ndarray, centroids: np.ndarray, tol: float) -> tuple[float, float, float]:
+    recall, precision, _ = _match(found, centroids, tol)
+    f1 = 0.0 if recall + precision == 0 else 2 * recall * precision / (recall + precision)
+    return f1, recall, precision
+
+
+def test_stardist_detections_are_nuclei(stardist) -> None:
+    """Real nuclei, defaults (1 µm pixels, diameter from the mask areas ≈ 24 px).
+
+    Nuclei cover ~20 % of the image, so a random point lands in a nucleus with p ≈ 0.2; here every
+    detection must fall in a nucleus and hit a different one (precision ≫ chance).
+    """
+    image, mask, centroids, diameter = stardist
+    assert len(centroids) == 125
+    assert 20 < diameter < 28
+    found = detect_cells(image, pixel_size_um=1.0, cell_diameter_um=diameter)
+    assert len(found) >= 10
+    xi = np.clip(np.round(found["x"]).astype(int), 0, mask.shape[1] - 1)
+    yi = np.clip(np.round(found["y"]).astype(int), 0, mask.shape[0] - 1)
+    hit = mask[yi, xi]
+    assert (hit > 0).mean() >= 0.95
+    assert len(np.unique(hit[hit > 0])) >= 0.95 * len(found)
+
+
+def test_stardist_f1_with_lower_threshold(stardist) -> None:
+    """With threshold 3 (a documented parameter), F1 against mask centroids ≥ 0.75 (measured ≈ 0.86).
+
+    Matching radius = half the median nucleus diameter; chance precision is ≈ 0.2 (area covered).
+    """
+    image, _, centroids, diameter = stardist
+    found = detect_cells(image, pixel_size_um=1.0, cell_diameter_um=diameter, threshold=3.0)
+    f1, recall, precision = _f1(_xy(found), centroids, tol=diameter / 2)
+    assert precision >= 0.9
+    assert f1 >= 0.75
+
+
+@pytest.mark.xfail(
+    reason="BUG: default threshold on MAD of the LoG response misses most dense nuclei (F1≈0.37)",
+    strict=True,
+)
+def test_stardist_f1_at_defaults(stardist) -> None:
+    """At the default threshold, F1 against mask centroids should reach at least 0.5."""
+    image, _, centroids, diameter = stardist
+    found = detect_cells(image, pixel_size_um=1.0, cell_diameter_um=diameter)
+    f1, _, _ = _f1(_xy(found), centroids, tol=diameter / 2)
+    assert f1 >= 0.5
