@@ -1,16 +1,18 @@
 """Anchoring a section series by searching the atlas template for each section's plane.
 
-Model: the series shares one cutting plane orientation (two angles) and the sections' AP
+Model: the series shares one cutting-plane orientation (two angles) and the sections' AP
 positions lie on a line ``ap = a0 + b·z`` (z = section index, ``|b|`` ≈ the section spacing).
-Each section's in-plane placement is fitted from tissue-mask moments (centroid, and per-axis
-spread clamped to ±20% of the physical scale); rotation and finer in-plane corrections are left
-to the refinement step.
+Each section has its own in-plane affine placement (rotation, scale, shift).
 
-1. Each section alone: the best coronal atlas slice by normalised cross-correlation (NCC).
-2. Series line by robust fit of those positions (known spacing, both cutting directions tried).
-3. Joint fit of ``a0, b`` and the two angles maximising the summed NCC of all good sections.
-4. Sections whose own best position disagrees with the series, that hold no tissue or match
-   poorly are flagged (and still placed where the series puts them).
+1. Each section alone: the best coronal atlas plane by normalised cross-correlation (NCC), the
+   section placed by its tissue centroid at physical scale.
+2. The series line, by a robust fit of those positions (known spacing, both cutting directions).
+3. ``a0, b`` and the two angles by maximising the mean NCC (a grid over the angles, then
+   Nelder-Mead), every section placed in-plane by matching its tissue's centroid and covariance
+   to the atlas plane's (re-fitted for every candidate plane: a fixed in-plane placement hides
+   the angle signal). Finally each section's in-plane affine is refined by ANTs.
+4. Sections whose own best position disagrees with the series, that hold no tissue, or that
+   match poorly are flagged, and still placed where the series puts them.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ __all__ = ["SeriesFit", "search_series"]
 
 _DV_PIVOT_UM = 4000.0
 _MIN_TISSUE_FRACTION = 0.01
-_SCALE_RANGE = (0.8, 1.25)
+_POOR_NCC = 0.3
 
 
 @dataclass
@@ -43,12 +45,12 @@ class SeriesFit:
     anchors
         One QUINT anchor per section (``nr`` = section index), level-0 frame.
     sections
-        Per-section table: ``section``, ``ap_um`` (fitted, at the image centre),
-        ``ap_alone_um`` (the section's own best match), ``ncc`` (at the fitted plane),
+        Per-section table: ``section``, ``ap_um`` (fitted, at the tissue centre),
+        ``ap_alone_um`` (the section's own best coronal match), ``ncc`` (at the fitted plane),
         ``flag`` (``""``, ``"empty"``, ``"disagrees"`` or ``"poor_match"``).
     params
         ``a0_um``, ``step_um`` (AP per section index), ``angle_ml_deg`` (AP changes along ML),
-        ``angle_dv_deg`` (AP changes along DV).
+        ``angle_dv_deg`` (AP changes along DV), ``mean_ncc``.
     """
 
     anchors: list[SectionAnchor]
@@ -59,21 +61,16 @@ class SeriesFit:
 @dataclass
 class _Section:
     z: int
-    image: np.ndarray  # normalised, search resolution
+    image: np.ndarray  # normalised, at the search resolution
     mask: np.ndarray
-    centroid: np.ndarray  # (x, y) µm in the section frame
-    spread: np.ndarray  # (x, y) std µm
-
-
-def _moments(mask: np.ndarray, pixel_um: float) -> tuple[np.ndarray, np.ndarray]:
-    ys, xs = np.nonzero(mask)
-    pts = (np.stack([xs, ys], axis=1) + 0.5) * pixel_um
-    return pts.mean(axis=0), np.maximum(pts.std(axis=0), pixel_um)
+    centroid: np.ndarray  # (x, y) µm of the tissue in the section frame
+    frame_um: np.ndarray  # (h, w, 2) µm of pixel centres in the section frame
+    inv_root_cov: np.ndarray  # inverse square root of the tissue's covariance (µm⁻¹)
+    inplane: np.ndarray | None = None  # (2, 3): frame µm → plane (ml, dv) µm
 
 
 def _normalise(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    values = image[mask]
-    lo, hi = np.percentile(values, [1, 99])
+    lo, hi = np.percentile(image[mask], [1, 99])
     return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1.5).astype(np.float32)
 
 
@@ -84,72 +81,101 @@ def _ncc(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / denom) if denom > 0 else 0.0
 
 
+def _plane_ap(
+    ml: np.ndarray, dv: np.ndarray, ap: float, tans: Sequence[float], midline: float
+) -> np.ndarray:
+    return ap + tans[0] * (ml - midline) + tans[1] * (dv - _DV_PIVOT_UM)
+
+
 class _AtlasPlanes:
-    """The atlas template and mask at the search resolution, sampled on tilted planes."""
+    """The atlas template at the search resolution, sampled on tilted planes."""
 
     def __init__(self, atlas: Atlas, pixel_um: float) -> None:
         factor = pixel_um / atlas.resolution_um
         template = atlas.template.astype(np.float32)
         if factor > 1:
             template = ndi.gaussian_filter(template, factor / 2)
-        self.template = template
-        self.inside = (atlas.annotation > 0).astype(np.float32)
+        inside = atlas.annotation > 0
+        self.template = template / max(float(template[inside].max()) if inside.any() else 1, 1e-6)
+        self.inside = inside.astype(np.float32)
         self.res = atlas.resolution_um
         self.pixel_um = pixel_um
+        coarse = max(2 * pixel_um, 100.0)  # tissue moments need no fine grid
+        ml = np.arange(0, atlas.shape[2] * self.res, coarse)
+        dv = np.arange(0, atlas.shape[1] * self.res, coarse)
+        self.canvas = np.meshgrid(ml, dv)
         self.midline = atlas.midline_um
-        scale = self.template[self.inside > 0].max() if (self.inside > 0).any() else 1.0
-        self.template /= max(float(scale), 1e-6)
-        n_ap = atlas.shape[0]
-        self.ap_um = np.arange(n_ap) * self.res
-        self.slice_moments = [self._mask_moments(self.inside[i]) for i in range(n_ap)]
+        self.ap_max = (atlas.shape[0] - 1) * self.res
+        self.centres: list[np.ndarray | None] = []
+        for i in range(atlas.shape[0]):
+            ys, xs = np.nonzero(inside[i])
+            ok = len(xs) >= 10
+            self.centres.append(np.array([xs.mean(), ys.mean()]) * self.res if ok else None)
 
-    def _mask_moments(self, mask2d: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        if mask2d.sum() < 10:
+    def centre_at(self, ap_um: float) -> np.ndarray | None:
+        return self.centres[int(np.clip(round(ap_um / self.res), 0, len(self.centres) - 1))]
+
+    def moment_inplane(self, sec: _Section, ap: float, tans: Sequence[float]) -> np.ndarray | None:
+        """In-plane affine matching the tissue's centroid and covariance to the atlas plane's."""
+        ml, dv = self.canvas
+        coords = np.stack([_plane_ap(ml, dv, ap, tans, self.midline), dv, ml]) / self.res
+        inside = ndi.map_coordinates(self.inside, coords, order=0) > 0.5
+        if inside.sum() < 10:
             return None
-        ys, xs = np.nonzero(mask2d > 0)
-        pts = np.stack([xs, ys], axis=1) * self.res  # (ml, dv) µm
-        return pts.mean(axis=0), np.maximum(pts.std(axis=0), self.res)
+        centre_a, cov_a = _moments(np.stack([ml[inside], dv[inside]], axis=1))
+        centre_s, inv_root_s = sec.centroid, sec.inv_root_cov
+        root_a = _sqrtm(cov_a)
+        u, _, vt = np.linalg.svd(np.linalg.inv(root_a) @ np.linalg.inv(inv_root_s))
+        rotation = u @ vt if np.linalg.det(u @ vt) > 0 else np.eye(2)
+        linear = root_a @ rotation @ inv_root_s
+        return np.column_stack([linear, centre_a - linear @ centre_s])
 
-    def moments_at(self, ap_um: float) -> tuple[np.ndarray, np.ndarray] | None:
-        i = int(np.clip(round(ap_um / self.res), 0, len(self.ap_um) - 1))
-        return self.slice_moments[i]
-
-    def plane_points(
-        self, sec: _Section, ap_um: float, tan_ml: float, tan_dv: float,
-        scale: np.ndarray | None = None,
+    def points(
+        self, sec: _Section, ap: float, tans: Sequence[float], inplane: np.ndarray | None = None
     ) -> np.ndarray | None:
-        """CCF µm ``(h, w, 3)`` of the section's search pixels at the given plane."""
-        moments = self.moments_at(ap_um)
-        if moments is None:
-            return None
-        centre, spread = moments
-        if scale is None:
-            scale = np.ones(2)
-        h, w = sec.image.shape
-        xs = (np.arange(w) + 0.5) * self.pixel_um
-        ys = (np.arange(h) + 0.5) * self.pixel_um
-        ml = centre[0] + (xs - sec.centroid[0]) * scale[0]
-        dv = centre[1] + (ys - sec.centroid[1]) * scale[1]
-        ml2, dv2 = np.meshgrid(ml, dv)
-        ap = ap_um + tan_ml * (ml2 - self.midline) + tan_dv * (dv2 - _DV_PIVOT_UM)
-        return np.stack([ap, dv2, ml2], axis=-1)
+        """CCF µm ``(h, w, 3)`` of the section's pixels on the plane."""
+        if inplane is None:
+            inplane = sec.inplane
+        if inplane is None:
+            centre = self.centre_at(ap)
+            if centre is None:
+                return None
+            inplane = np.column_stack([np.eye(2), centre - sec.centroid])
+        plane = sec.frame_um @ inplane[:, :2].T + inplane[:, 2]
+        ml, dv = plane[..., 0], plane[..., 1]
+        return np.stack([_plane_ap(ml, dv, ap, tans, self.midline), dv, ml], axis=-1)
 
     def sample(self, points: np.ndarray) -> np.ndarray:
         coords = np.moveaxis(points, -1, 0) / self.res
         return ndi.map_coordinates(self.template, coords, order=1, cval=0.0, prefilter=False)
 
-    def score(self, sec: _Section, ap_um: float, tan_ml: float = 0.0, tan_dv: float = 0.0) -> float:
-        points = self.plane_points(sec, ap_um, tan_ml, tan_dv)
-        if points is None:
-            return -1.0
-        return _ncc(sec.image, self.sample(points))
+    def score(
+        self,
+        sec: _Section,
+        ap: float,
+        tans: Sequence[float] = (0.0, 0.0),
+        inplane: np.ndarray | None = None,
+    ) -> float:
+        pts = self.points(sec, ap, tans, inplane)
+        return -1.0 if pts is None else _ncc(sec.image, self.sample(pts))
+
+
+def _moments(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    centre = points.mean(axis=0)
+    return centre, np.cov((points - centre).T)
+
+
+def _sqrtm(cov: np.ndarray) -> np.ndarray:
+    values, vectors = np.linalg.eigh(cov)
+    return vectors @ np.diag(np.sqrt(np.maximum(values, 1e-6))) @ vectors.T
 
 
 def _prepare(
     thumbnails: Sequence[np.ndarray], sections: Sequence[int], thumb_um: float, search_um: float
-) -> tuple[list[_Section], list[int]]:
+) -> tuple[list[_Section], float]:
     factor = max(1, int(round(search_um / thumb_um)))
-    prepared, empty = [], []
+    pixel = thumb_um * factor
+    prepared = []
     for z, thumb in zip(sections, thumbnails, strict=True):
         image = np.asarray(thumb, dtype=np.float32)
         if factor > 1:
@@ -157,13 +183,15 @@ def _prepare(
             image = image[:h, :w].reshape(h // factor, factor, w // factor, factor).mean((1, 3))
         mask = tissue_mask(image) if np.ptp(image) > 0 else np.zeros(image.shape, bool)
         if mask.mean() < _MIN_TISSUE_FRACTION:
-            empty.append(z)
             continue
-        centroid, spread = _moments(mask, thumb_um * factor)
         norm = _normalise(image, mask)
         norm[~ndi.binary_dilation(mask, iterations=2)] = 0
-        prepared.append(_Section(z, norm, mask, centroid, spread))
-    return prepared, empty
+        yy, xx = np.mgrid[0 : image.shape[0], 0 : image.shape[1]]
+        frame = (np.stack([xx, yy], axis=-1) + 0.5) * pixel
+        centroid, cov = _moments(frame[mask])
+        inv_root = np.linalg.inv(_sqrtm(cov))
+        prepared.append(_Section(int(z), norm, mask, centroid, frame, inv_root))
+    return prepared, pixel
 
 
 def search_series(
@@ -175,8 +203,8 @@ def search_series(
     level0_shape: tuple[int, int],
     level0_pixel_um: float,
     section_spacing_um: float,
-    search_pixel_um: float = 100.0,
-    max_angle_deg: float = 8.0,
+    search_pixel_um: float = 64.0,
+    max_angle_deg: float = 9.0,
     brain_id: str = "",
     progress: Callable[[str], None] | None = None,
 ) -> SeriesFit:
@@ -185,7 +213,8 @@ def search_series(
     Parameters
     ----------
     thumbnails
-        One 2-D image per section (autofluorescence), all the same shape.
+        One 2-D image per section (autofluorescence), all the same shape, covering the same
+        field as level 0.
     sections
         Section (z) index of each thumbnail.
     atlas
@@ -201,103 +230,98 @@ def search_series(
     search_pixel_um
         Resolution of the search.
     max_angle_deg
-        Largest cutting angle considered.
-
-    Returns
-    -------
-    SeriesFit
+        Largest cutting angle allowed.
     """
     say = progress or (lambda _m: None)
     where = f"brain {brain_id}: " if brain_id else ""
     if len(thumbnails) != len(sections) or not len(sections):
         raise ValueError(f"{where}need one thumbnail per section (got {len(thumbnails)})")
-    prepared, empty = _prepare(thumbnails, sections, thumbnail_pixel_um, search_pixel_um)
+    prepared, pixel_um = _prepare(thumbnails, sections, thumbnail_pixel_um, search_pixel_um)
     if len(prepared) < 2:
         raise ValueError(
             f"{where}only {len(prepared)} section(s) hold tissue; a series needs at least 2 "
             "(check the autofluorescence channel in the manifest)"
         )
-    pixel_um = thumbnail_pixel_um * max(1, int(round(search_pixel_um / thumbnail_pixel_um)))
     planes = _AtlasPlanes(atlas, pixel_um)
 
     say(f"{where}matching {len(prepared)} sections to coronal atlas planes")
-    candidates = np.arange(0, planes.ap_um[-1] + 1, max(planes.res, 50.0))
+    candidates = np.arange(0, planes.ap_max + 1, max(planes.res, 100.0))
     alone = np.array(
         [candidates[np.argmax([planes.score(s, ap) for ap in candidates])] for s in prepared]
     )
     z = np.array([s.z for s in prepared], dtype=float)
-    a0, step, inlier = _series_line(z, alone, section_spacing_um)
-
-    say(f"{where}fitting series position and cutting angles")
+    params = np.array([*_series_line(z, alone, section_spacing_um), 0.0, 0.0])
+    a0, step = params[:2]
+    inlier = np.abs(alone - (a0 + step * z)) < max(1.5 * section_spacing_um, 500.0)
     good = [s for s, ok in zip(prepared, inlier, strict=True) if ok]
+    if len(good) < 2:
+        good = prepared
 
-    def cost(p: np.ndarray) -> float:
-        t_ml, t_dv = np.tan(np.radians(p[2:4]))
-        return -float(np.mean([planes.score(s, p[0] + p[1] * s.z, t_ml, t_dv) for s in good]))
+    say(f"{where}fitting the series position and cutting angles")
+    params = _fit_series(planes, good, params, section_spacing_um, max_angle_deg)
+    say(f"{where}in-plane placement of each section")
+    tans = np.tan(np.radians(params[2:4]))
+    for s in prepared:
+        ap = params[0] + params[1] * s.z
+        s.inplane = planes.moment_inplane(s, ap, tans)
+        _fit_inplane(planes, s, ap, tans)
 
-    best = None
-    grid = np.linspace(-max_angle_deg * 0.75, max_angle_deg * 0.75, 4)
-    for a_ml in grid:
-        for a_dv in grid:
-            value = cost(np.array([a0, step, a_ml, a_dv]))
-            if best is None or value < best[0]:
-                best = (value, a_ml, a_dv)
-    start = np.array([a0, step, best[1], best[2]])
-    simplex = start + np.diag([150.0, 0.05 * abs(step), 1.5, 1.5])
-    result = minimize(
-        cost, start, method="Nelder-Mead",
-        options={"initial_simplex": np.vstack([start, simplex]), "xatol": 1.0, "fatol": 1e-4,
-                 "maxfev": 300},
-    )
-    a0, step, ang_ml, ang_dv = result.x
-    ang_ml, ang_dv = np.clip([ang_ml, ang_dv], -max_angle_deg, max_angle_deg)
-    t_ml, t_dv = np.tan(np.radians([ang_ml, ang_dv]))
-
-    rows, anchors = [], []
+    a0, step, ang_ml, ang_dv = params
+    tans = np.tan(np.radians([ang_ml, ang_dv]))
+    typical = np.median([s.inplane for s in prepared], axis=0)
     by_z = {s.z: s for s in prepared}
     alone_by_z = dict(zip(z.astype(int), alone, strict=True))
-    placement = {}
-    for s in prepared:
-        ap = a0 + step * s.z
-        scale = _inplane_scale(planes, s, ap)
-        placement[s.z] = (_offset(planes, s, ap, scale), scale)
-    typical = tuple(np.median([p[i] for p in placement.values()], axis=0) for i in range(2))
-    for zi in sorted(set(sections)):
+    rows, anchors, nccs = [], [], []
+    for zi in sorted({int(v) for v in sections}):
         ap = a0 + step * zi
         sec = by_z.get(zi)
         if sec is None:
-            ncc, flag, ap_alone = float("nan"), "empty", float("nan")
+            ncc, flag, ap_alone, inplane, centre = np.nan, "empty", np.nan, typical, None
         else:
-            ncc = planes.score(sec, ap, t_ml, t_dv)
+            ncc = planes.score(sec, ap, tans)
+            nccs.append(ncc)
             ap_alone = float(alone_by_z[zi])
+            inplane, centre = sec.inplane, sec.centroid
             flag = ""
             if abs(ap_alone - ap) > max(1.5 * abs(step), 500.0):
                 flag = "disagrees"
-            elif ncc < 0.3:
+            elif ncc < _POOR_NCC:
                 flag = "poor_match"
-        offset, scale = placement.get(zi, typical)
-        anchor = _anchor(ap, t_ml, t_dv, offset, scale, planes.midline, level0_shape,
-                         level0_pixel_um)
+        anchor = _anchor(ap, tans, inplane, planes.midline, level0_shape, level0_pixel_um)
         anchor.filename = f"{brain_id or 'section'}_s{zi:04d}"
-        anchor.nr = int(zi)
+        anchor.nr = zi
         anchors.append(anchor)
-        rows.append({"section": int(zi), "ap_um": float(ap), "ap_alone_um": ap_alone,
-                     "ncc": ncc, "flag": flag})
-    params = {"a0_um": float(a0), "step_um": float(step), "angle_ml_deg": float(ang_ml),
-              "angle_dv_deg": float(ang_dv), "mean_ncc": float(-result.fun)}
-    return SeriesFit(anchors, pd.DataFrame(rows), params)
+        if centre is not None:
+            plane = inplane[:, :2] @ centre + inplane[:, 2]
+            ap = float(_plane_ap(plane[0], plane[1], ap, tans, planes.midline))
+        rows.append(
+            {
+                "section": zi,
+                "ap_um": float(ap),
+                "ap_alone_um": ap_alone,
+                "ncc": float(ncc),
+                "flag": flag,
+            }
+        )
+    fit = {
+        "a0_um": float(a0),
+        "step_um": float(step),
+        "angle_ml_deg": float(ang_ml),
+        "angle_dv_deg": float(ang_dv),
+        "mean_ncc": float(np.mean(nccs)),
+    }
+    return SeriesFit(anchors, pd.DataFrame(rows), fit)
 
 
-def _series_line(z: np.ndarray, ap: np.ndarray, spacing: float) -> tuple[float, float, np.ndarray]:
-    """Robust ``ap = a0 + b z`` with ``|b|`` near the spacing; returns a0, b and inliers."""
+def _series_line(z: np.ndarray, ap: np.ndarray, spacing: float) -> tuple[float, float]:
+    """Robust ``ap = a0 + b z`` with ``|b|`` near the spacing (both cutting directions tried)."""
     tolerance = max(1.5 * spacing, 500.0)
     best = None
     for sign in (1.0, -1.0):
         offsets = ap - sign * spacing * z
         a0 = float(np.median(offsets))
         inlier = np.abs(offsets - a0) < tolerance
-        spread = float(np.median(np.abs(offsets - a0)))
-        key = (-int(inlier.sum()), spread)
+        key = (-int(inlier.sum()), float(np.median(np.abs(offsets - a0))))
         if best is None or key < best[0]:
             best = (key, sign, a0, inlier)
     _, sign, a0, inlier = best
@@ -305,38 +329,101 @@ def _series_line(z: np.ndarray, ap: np.ndarray, spacing: float) -> tuple[float, 
         slope, intercept = np.polyfit(z[inlier], ap[inlier], 1)
         lo, hi = sorted(sign * spacing * np.array([0.8, 1.25]))
         if lo <= slope <= hi:
-            return float(intercept), float(slope), inlier
-    return a0, sign * spacing, inlier
+            return float(intercept), float(slope)
+    return a0, sign * spacing
 
 
-def _inplane_scale(planes: _AtlasPlanes, sec: _Section, ap: float) -> np.ndarray:
-    moments = planes.moments_at(ap)
-    if moments is None:
-        return np.ones(2)
-    return np.clip(moments[1] / sec.spread, *_SCALE_RANGE)
+def _fit_series(
+    planes: _AtlasPlanes, good: list[_Section], params: np.ndarray, spacing: float, max_angle: float
+) -> np.ndarray:
+    """Series line and angles maximising the mean NCC, each section placed by its moments."""
+    lo_step, hi_step = sorted(np.sign(params[1]) * spacing * np.array([0.8, 1.25]))
+
+    def cost(p: np.ndarray) -> float:
+        if not (lo_step <= p[1] <= hi_step) or np.any(np.abs(p[2:]) > max_angle):
+            return 1.0
+        tans = np.tan(np.radians(p[2:4]))
+        scores = []
+        for s in good:
+            ap = p[0] + p[1] * s.z
+            scores.append(planes.score(s, ap, tans, planes.moment_inplane(s, ap, tans)))
+        return -float(np.mean(scores))
+
+    grid = np.arange(-max_angle, max_angle + 1e-9, 3.0)
+    start = min((np.array([params[0], params[1], a, b]) for a in grid for b in grid), key=cost)
+    simplex = np.vstack([start, start + np.diag([100.0, 0.02 * abs(start[1]), 1.0, 1.0])])
+    result = minimize(
+        cost,
+        start,
+        method="Nelder-Mead",
+        options={"initial_simplex": simplex, "xatol": 0.5, "fatol": 1e-5, "maxfev": 200},
+    )
+    return result.x if result.fun <= cost(start) else start
 
 
-def _offset(planes: _AtlasPlanes, sec: _Section, ap: float, scale: np.ndarray) -> np.ndarray:
-    """In-plane atlas µm of the section frame's origin: atlas centre − scaled section centroid."""
-    moments = planes.moments_at(ap)
-    centre = moments[0] if moments is not None else np.array([planes.midline, _DV_PIVOT_UM])
-    return centre - sec.centroid * scale
+def _fit_inplane(planes: _AtlasPlanes, sec: _Section, ap: float, tans: np.ndarray) -> None:
+    """Update the section's in-plane affine by ANTs affine registration to its atlas plane."""
+    import ants
+
+    from .registration import _deterministic
+
+    current = sec.inplane
+    if current is None:
+        centre = planes.centre_at(ap)
+        if centre is None:
+            centre = np.array([planes.midline, _DV_PIVOT_UM])
+        current = np.column_stack([np.eye(2), centre - sec.centroid])
+    pts = planes.points(sec, ap, tans, current)
+    rendered = planes.sample(pts).astype(np.float32)
+    before = _ncc(sec.image, rendered)
+    _deterministic(ants, 1)
+    fixed = ants.from_numpy(sec.image)
+    moving = ants.from_numpy(rendered)
+    reg = ants.registration(
+        fixed,
+        moving,
+        type_of_transform="Affine",
+        aff_metric="GC",
+        initial_transform="identity",
+        aff_iterations=(100, 50),
+        aff_shrink_factors=(2, 1),
+        aff_smoothing_sigmas=(1, 0),
+    )
+    # three frame points (row, col) → where the atlas render sees them → affine in µm
+    h, w = sec.image.shape
+    probe = np.array([[0.0, 0.0], [0.0, w - 1.0], [h - 1.0, 0.0]])
+    mapped = ants.apply_transforms_to_points(
+        2, pd.DataFrame({"x": probe[:, 0], "y": probe[:, 1]}), reg["fwdtransforms"]
+    )[["x", "y"]].to_numpy()
+    src = (probe[:, ::-1] + 0.5) * planes.pixel_um
+    dst = (mapped[:, ::-1] + 0.5) * planes.pixel_um @ current[:, :2].T + current[:, 2]
+    design = np.column_stack([src, np.ones(3)])
+    updated = np.linalg.solve(design, dst).T
+    after = _ncc(sec.image, planes.sample(planes.points(sec, ap, tans, updated)))
+    sec.inplane = updated if after > before else current
 
 
 def _anchor(
-    ap: float, t_ml: float, t_dv: float, offset: np.ndarray, scale: np.ndarray,
-    midline: float, level0_shape: tuple[int, int], level0_um: float,
+    ap: float,
+    tans: np.ndarray,
+    inplane: np.ndarray,
+    midline: float,
+    level0_shape: tuple[int, int],
+    level0_um: float,
 ) -> SectionAnchor:
     """The QUINT anchor of a section frame: level-0 pixel x sits at ``(x + 0.5)·p`` µm."""
     h0, w0 = level0_shape
 
     def ccf(x: float, y: float) -> np.ndarray:
-        ml = offset[0] + (x + 0.5) * level0_um * scale[0]
-        dv = offset[1] + (y + 0.5) * level0_um * scale[1]
-        return np.array([ap + t_ml * (ml - midline) + t_dv * (dv - _DV_PIVOT_UM), dv, ml])
+        frame = (np.array([x, y]) + 0.5) * level0_um
+        ml, dv = inplane[:, :2] @ frame + inplane[:, 2]
+        return np.array([_plane_ap(ml, dv, ap, tans, midline), dv, ml])
 
     origin = ccf(0.0, 0.0)
     return SectionAnchor.from_plane(
-        origin, ccf(float(w0), 0.0) - origin, ccf(0.0, float(h0)) - origin,
-        width=int(w0), height=int(h0),
+        origin,
+        ccf(float(w0), 0.0) - origin,
+        ccf(0.0, float(h0)) - origin,
+        width=int(w0),
+        height=int(h0),
     )

@@ -38,8 +38,9 @@ def map_section_points(xy_level0: np.ndarray, placement: SectionPlacement) -> np
     """CCF µm ``(n, 3)`` of level-0 section pixels: section → atlas slice → anchoring."""
     xy = np.atleast_2d(np.asarray(xy_level0, dtype=np.float64))
     if placement.refinement is not None:
-        xy = to_level0(placement.refinement.map_points(from_level0(xy, placement.factor)),
-                       placement.factor)
+        xy = to_level0(
+            placement.refinement.map_points(from_level0(xy, placement.factor)), placement.factor
+        )
     height, width = placement.level0_shape
     return placement.anchor.to_ccf(xy[:, 0], xy[:, 1], width=width, height=height)
 
@@ -111,8 +112,10 @@ def _section_qc(placements: Mapping[int, SectionPlacement]) -> dict[str, np.ndar
         table["refinement"].append(p.refinement.method if p.refinement else "none")
         for k in keys:
             table[k].append(p.refinement.qc.get(k, np.nan) if p.refinement else np.nan)
-    return {k: np.asarray(v, dtype=str if k in ("flag", "refinement") else None)
-            for k, v in table.items()}
+    return {
+        k: np.asarray(v, dtype=str if k in ("flag", "refinement") else None)
+        for k, v in table.items()
+    }
 
 
 def section_grid_ccf(

@@ -68,15 +68,19 @@ def _configure(values: dict[str, object]) -> None:
             config.set("cellmap2d", key, str(value))
 
 
-def _build(tasks: list, *, workers: int, local: bool, scheduler_url: str | None,
-           log_level: str) -> tuple[int, object]:
+def _build(
+    tasks: list, *, workers: int, local: bool, scheduler_url: str | None, log_level: str
+) -> tuple[int, object]:
     import luigi
     import luigi.configuration
     from luigi.execution_summary import LuigiStatusCode
     from luigi.retcodes import retcode
 
-    kwargs: dict[str, object] = {"workers": workers, "detailed_summary": True,
-                                 "log_level": log_level}
+    kwargs: dict[str, object] = {
+        "workers": workers,
+        "detailed_summary": True,
+        "log_level": log_level,
+    }
     if scheduler_url:
         kwargs["scheduler_url"] = scheduler_url
     elif local or not luigi.configuration.get_config().get("core", "default_scheduler_url", ""):
@@ -93,8 +97,10 @@ def _build(tasks: list, *, workers: int, local: bool, scheduler_url: str | None,
         LuigiStatusCode.NOT_RUN: codes.not_run,
         LuigiStatusCode.MISSING_EXT: codes.missing_data,
     }.get(status, codes.unhandled_exception)
-    return (code or 1) if status not in (LuigiStatusCode.SUCCESS,
-                                         LuigiStatusCode.SUCCESS_WITH_RETRY) else 0, result
+    return (code or 1) if status not in (
+        LuigiStatusCode.SUCCESS,
+        LuigiStatusCode.SUCCESS_WITH_RETRY,
+    ) else 0, result
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -103,8 +109,13 @@ def _run(args: argparse.Namespace) -> int:
     _configure(values)
     from tasks import Pipeline
 
-    code, result = _build([Pipeline()], workers=args.workers, local=args.local_scheduler,
-                          scheduler_url=args.scheduler_url, log_level=args.log_level)
+    code, result = _build(
+        [Pipeline()],
+        workers=args.workers,
+        local=args.local_scheduler,
+        scheduler_url=args.scheduler_url,
+        log_level=args.log_level,
+    )
     print(result.summary_text)
     return code
 
@@ -119,21 +130,33 @@ def _demo(args: argparse.Namespace) -> int:
     if not (world_dir / "world.json").is_file():
         print(f"Building the phantom world in {world_dir} …")
     world = make_world(world_dir, config, progress=lambda m: print(f"  {m}", flush=True))
-    _configure({
-        "store": store, "manifest": world.manifest, "atlas": world.atlas_dir,
-        "atlas_resolution": int(config.atlas_resolution_um), "abc": world.abc_dir,
-        "cell_diameter_um": config.cell_diameter_um, "anchoring": "search",
-        "density_voxel_um": 100, "density_sigma_um": 150, "registration_pixel_um": 50,
-    })
+    _configure(
+        {
+            "store": store,
+            "manifest": world.manifest,
+            "atlas": world.atlas_dir,
+            "atlas_resolution": int(config.atlas_resolution_um),
+            "abc": world.abc_dir,
+            "cell_diameter_um": config.cell_diameter_um,
+            "anchoring": "search",
+            "density_voxel_um": 100,
+            "density_sigma_um": 150,
+            "registration_pixel_um": 50,
+        }
+    )
     from tasks import Pipeline
 
     if Pipeline().complete():
         print(f"Nothing to do: all targets exist in {store}.")
     else:
-        print(f"Running the pipeline on {len(config.brains)} phantom brains "
-              f"({args.workers} workers, embedded scheduler) …", flush=True)
-    code, result = _build([Pipeline()], workers=args.workers, local=True, scheduler_url=None,
-                          log_level="WARNING")
+        print(
+            f"Running the pipeline on {len(config.brains)} phantom brains "
+            f"({args.workers} workers, embedded scheduler) …",
+            flush=True,
+        )
+    code, result = _build(
+        [Pipeline()], workers=args.workers, local=True, scheduler_url=None, log_level="WARNING"
+    )
     if code:
         print(result.summary_text)
         return code
@@ -157,21 +180,27 @@ def _report_demo(world, store: Path) -> None:
         truth = mixtures[mixtures["brain_id"] == bid]
         cells = ad.read_h5ad(store / "brains" / bid / "cells.h5ad")
         quality = evaluate_mapping(
-            cells.obs[["x_px", "y_px"]].to_numpy(), cells.obs["section"].to_numpy(),
-            cells.obsm["ccf"], world.truth_cells(bid),
+            cells.obs[["x_px", "y_px"]].to_numpy(),
+            cells.obs["section"].to_numpy(),
+            cells.obsm["ccf"],
+            world.truth_cells(bid),
             max_px=config.cell_diameter_um / config.pixel_size_um,
         )
-        planted = ", ".join(f"{t} {f:.0%}" for t, f in zip(truth["type"],
-                                                            truth["planted_fraction"],
-                                                            strict=True))
+        planted = ", ".join(
+            f"{t} {f:.0%}" for t, f in zip(truth["type"], truth["planted_fraction"], strict=True)
+        )
         print(f"\n  brain {bid}: planted {planted}")
-        print(f"  {quality['n_detected']:.0f} cells detected (recall {quality['recall']:.0%}, "
-              f"precision {quality['precision']:.0%}); CCF error of detected cells: median "
-              f"{quality['median_um']:.0f} µm, 95th percentile {quality['p95_um']:.0f} µm")
+        print(
+            f"  {quality['n_detected']:.0f} cells detected (recall {quality['recall']:.0%}, "
+            f"precision {quality['precision']:.0%}); CCF error of detected cells: median "
+            f"{quality['median_um']:.0f} µm, 95th percentile {quality['p95_um']:.0f} µm"
+        )
         for row in table.head(5).itertuples():
             mark = "  <- planted" if row.type in set(truth["type"]) else ""
-            print(f"    {row.rank}. {row.type:<28} {row.fraction:6.1%} "
-                  f"[{row.fraction_low:.1%}, {row.fraction_high:.1%}]{mark}")
+            print(
+                f"    {row.rank}. {row.type:<28} {row.fraction:6.1%} "
+                f"[{row.fraction_low:.1%}, {row.fraction_high:.1%}]{mark}"
+            )
     print(f"\nOutputs in {store}:")
     print("  brains/<id>/cells.h5ad, identity.csv, anchoring.json (QuickNII/VisuAlign), qc/")
     print("  cohort/identity.csv, cohort/mapmysections.csv")

@@ -118,10 +118,10 @@ def brain_identity(
     """
     grid = densities.grid
     inside = resample_mask(brain_mask, brain_mask_voxel_um, grid)
-    mask = sampled_mask(grid, section_planes, half_thickness_um=section_spacing_um / 2,
-                        inside=inside)
+    mask = sampled_mask(
+        grid, section_planes, half_thickness_um=section_spacing_um / 2, inside=inside
+    )
     return score_types(cells_ccf_um, densities, mask, n_boot=n_boot, seed=seed, progress=progress)
-
 
 
 def score_types(

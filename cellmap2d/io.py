@@ -319,15 +319,20 @@ def inspect_section(brain: BrainImage, z: int, channels: Sequence[int]) -> dict[
     """
     where = f"brain {brain.brain_id} section {z}"
     level = len(brain.arrays) - 1
-    stats: dict[str, Any] = {"section": int(z), "level0_shape": list(brain.shape),
-                             "pixel_size_um": brain.pixel_size_um[0]}
+    stats: dict[str, Any] = {
+        "section": int(z),
+        "level0_shape": list(brain.shape),
+        "pixel_size_um": brain.pixel_size_um[0],
+    }
     for c in channels:
         data = brain.section(z, c, level=level)
         if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
             raise ValueError(f"{where}: channel {c} has non-numeric dtype {data.dtype}")
         if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
-            raise ValueError(f"{where}: channel {c} contains NaN/inf; fix or exclude the section "
-                             "with the manifest's `sections` column")
+            raise ValueError(
+                f"{where}: channel {c} contains NaN/inf; fix or exclude the section "
+                "with the manifest's `sections` column"
+            )
         lo, hi = (float(v) for v in np.percentile(data, [1, 99.9]))
         stats[f"channel{c}_p1"], stats[f"channel{c}_p999"] = lo, hi
         if np.issubdtype(data.dtype, np.integer) and data.size:
@@ -335,7 +340,9 @@ def inspect_section(brain: BrainImage, z: int, channels: Sequence[int]) -> dict[
             saturated = float((data >= top).mean())
             stats[f"channel{c}_saturated"] = saturated
             if saturated > 0.5:
-                raise ValueError(f"{where}: channel {c} is saturated on {saturated:.0%} of pixels; "
-                                 "exclude the section with the manifest's `sections` column")
+                raise ValueError(
+                    f"{where}: channel {c} is saturated on {saturated:.0%} of pixels; "
+                    "exclude the section with the manifest's `sections` column"
+                )
     stats["empty"] = all(stats[f"channel{c}_p999"] == stats[f"channel{c}_p1"] for c in channels)
     return stats

@@ -35,8 +35,10 @@ class AnchorSeries(StoreTask):
     relative_path = "brains/{brain_id}/anchoring.json"
 
     def requires(self) -> dict[int, SectionThumbnail]:
-        return {z: SectionThumbnail(brain_id=self.brain_id, section=z)
-                for z in brain_sections(self.brain_id)}
+        return {
+            z: SectionThumbnail(brain_id=self.brain_id, section=z)
+            for z in brain_sections(self.brain_id)
+        }
 
     def run(self) -> None:
         quint = settings().anchoring == "quint"
@@ -50,8 +52,10 @@ class AnchorSeries(StoreTask):
         have = {a.nr for a in series}
         missing = sorted(set(brain_sections(self.brain_id)) - have)
         if missing:
-            raise ValueError(f"brain {self.brain_id}: {path} has no slice for sections {missing} "
-                             "(slice `nr` must be the section's z index)")
+            raise ValueError(
+                f"brain {self.brain_id}: {path} has no slice for sections {missing} "
+                "(slice `nr` must be the section's z index)"
+            )
         return series
 
     def _search(self):
@@ -59,19 +63,22 @@ class AnchorSeries(StoreTask):
         first = next(iter(thumbs.values()))
         spec, brain = brain_spec(self.brain_id), brain_image(self.brain_id)
         fit = search_series(
-            [t["autofluorescence"] for t in thumbs.values()], list(thumbs),
-            atlas=atlas(), thumbnail_pixel_um=float(first["pixel_um"]),
+            [t["autofluorescence"] for t in thumbs.values()],
+            list(thumbs),
+            atlas=atlas(),
+            thumbnail_pixel_um=float(first["pixel_um"]),
             level0_shape=tuple(int(v) for v in first["level0_shape"]),
             level0_pixel_um=brain.pixel_size_um[0],
-            section_spacing_um=spec.section_spacing_um, brain_id=self.brain_id,
+            section_spacing_um=spec.section_spacing_um,
+            brain_id=self.brain_id,
             progress=self.progress,
         )
         from cellmap2d.anchoring import QuintSeries
 
-        qc = {"method": "search", **fit.params,
-              "sections": fit.sections.to_dict(orient="list")}
-        return QuintSeries(fit.anchors, {**DEFAULT_METADATA, "name": self.brain_id,
-                                         "cellmap2d": _json_safe(qc)})
+        qc = {"method": "search", **fit.params, "sections": fit.sections.to_dict(orient="list")}
+        return QuintSeries(
+            fit.anchors, {**DEFAULT_METADATA, "name": self.brain_id, "cellmap2d": _json_safe(qc)}
+        )
 
 
 def section_flags(anchoring_path: str) -> dict[int, str]:
@@ -104,7 +111,8 @@ class BrainCells(StoreTask):
         for z, target in inputs["refined"].items():
             thumb = load_thumbnail(inputs["thumbnails"][z].path)
             placements[z] = SectionPlacement(
-                anchor=anchors[z], refinement=Refinement.load(target.path),
+                anchor=anchors[z],
+                refinement=Refinement.load(target.path),
                 factor=float(thumb["factor"]),
                 level0_shape=tuple(int(v) for v in thumb["level0_shape"]),
                 flag=flags.get(z, "") or "",
@@ -112,12 +120,17 @@ class BrainCells(StoreTask):
         cells = read_cells([t.path for t in inputs["cells"]])
         cfg, spec = settings(), brain_spec(self.brain_id)
         adata = brain_anndata(
-            self.brain_id, cells, placements, atlas(),
+            self.brain_id,
+            cells,
+            placements,
+            atlas(),
             pixel_size_um=brain_image(self.brain_id).pixel_size_um[0],
             provenance={
-                "anchoring": cfg.anchoring, "detection_method": cfg.detection_method,
+                "anchoring": cfg.anchoring,
+                "detection_method": cfg.detection_method,
                 "cell_diameter_um": cfg.cell_diameter_um,
-                "section_spacing_um": spec.section_spacing_um, "image": spec.path,
+                "section_spacing_um": spec.section_spacing_um,
+                "image": spec.path,
             },
         )
         with self.output().temporary_path() as tmp:

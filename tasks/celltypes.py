@@ -42,7 +42,8 @@ class TypeDensities(StoreTask):
 
         cells = ad.read_h5ad(self.input().path)
         grid = Grid(self.voxel_um)
-        items = type_densities(cells, level=self.level, grid=grid, sigma_um=self.sigma_um,
-                               progress=self.progress)
+        items = type_densities(
+            cells, level=self.level, grid=grid, sigma_um=self.sigma_um, progress=self.progress
+        )
         with self.output().temporary_path() as tmp:
             write_densities(tmp, items, grid=grid, level=self.level, sigma_um=self.sigma_um)

@@ -18,8 +18,9 @@ from .celltypes import TypeDensities
 
 def densities_task() -> TypeDensities:
     cfg = settings()
-    return TypeDensities(level=cfg.level, voxel_um=cfg.density_voxel_um,
-                         sigma_um=cfg.density_sigma_um)
+    return TypeDensities(
+        level=cfg.level, voxel_um=cfg.density_voxel_um, sigma_um=cfg.density_sigma_um
+    )
 
 
 class Identity(StoreTask):
@@ -29,9 +30,11 @@ class Identity(StoreTask):
     relative_path = "brains/{brain_id}/identity.csv"
 
     def requires(self) -> dict[str, luigi.Task]:
-        return {"cells": BrainCells(brain_id=self.brain_id),
-                "anchoring": AnchorSeries(brain_id=self.brain_id),
-                "densities": densities_task()}
+        return {
+            "cells": BrainCells(brain_id=self.brain_id),
+            "anchoring": AnchorSeries(brain_id=self.brain_id),
+            "densities": densities_task(),
+        }
 
     def run(self) -> None:
         cells = ad.read_h5ad(self.input()["cells"].path)
@@ -44,11 +47,14 @@ class Identity(StoreTask):
         the_atlas = atlas()
         with DensityFile(self.input()["densities"].path) as densities:
             table = brain_identity(
-                cells.obsm["ccf"], planes, densities,
+                cells.obsm["ccf"],
+                planes,
+                densities,
                 brain_mask=the_atlas.annotation > 0,
                 brain_mask_voxel_um=the_atlas.resolution_um,
                 section_spacing_um=brain_spec(self.brain_id).section_spacing_um,
-                n_boot=settings().bootstrap, progress=self.progress,
+                n_boot=settings().bootstrap,
+                progress=self.progress,
             )
         with self.output().temporary_path() as tmp:
             table.to_csv(tmp, index=False)

@@ -28,7 +28,8 @@ class ReadSection(StoreTask):
     def run(self) -> None:
         spec = brain_spec(self.brain_id)
         stats = inspect_section(
-            brain_image(self.brain_id), self.section,
+            brain_image(self.brain_id),
+            self.section,
             [spec.signal_channel, spec.autofluorescence_channel],
         )
         with self.output().temporary_path() as tmp, open(tmp, "w") as fh:
@@ -78,14 +79,18 @@ class SectionThumbnail(StoreTask):
     def run(self) -> None:
         spec, brain = brain_spec(self.brain_id), brain_image(self.brain_id)
         pixel = settings().registration_pixel_um
-        auto, level = section_thumbnail(brain, self.section, spec.autofluorescence_channel,
-                                        pixel_size_um=pixel)
-        signal, _ = section_thumbnail(brain, self.section, spec.signal_channel,
-                                      pixel_size_um=pixel)
+        auto, level = section_thumbnail(
+            brain, self.section, spec.autofluorescence_channel, pixel_size_um=pixel
+        )
+        signal, _ = section_thumbnail(brain, self.section, spec.signal_channel, pixel_size_um=pixel)
         with self.output().temporary_path() as tmp, open(tmp, "wb") as fh:
             np.savez_compressed(
-                fh, autofluorescence=auto, signal=signal, level=level,
-                pixel_um=brain.pixel_size_um[level], factor=brain.downsampling(level),
+                fh,
+                autofluorescence=auto,
+                signal=signal,
+                level=level,
+                pixel_um=brain.pixel_size_um[level],
+                factor=brain.downsampling(level),
                 level0_shape=np.array(brain.shape),
             )
 
@@ -119,8 +124,9 @@ class RefineSection(StoreTask):
                 f"in {self.input()['anchoring'].path}"
             )
         image = thumb["autofluorescence"]
-        grid = section_grid_ccf(anchors[self.section], image.shape, float(thumb["factor"]),
-                                tuple(thumb["level0_shape"]))
+        grid = section_grid_ccf(
+            anchors[self.section], image.shape, float(thumb["factor"]), tuple(thumb["level0_shape"])
+        )
         the_atlas = atlas()
         atlas_slice = the_atlas.plane_image(grid, kind="template")
         atlas_mask = the_atlas.plane_image(grid, kind="annotation") > 0
