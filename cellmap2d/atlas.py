@@ -24,8 +24,13 @@ __all__ = [
     "Atlas",
     "Ontology",
     "load_atlas",
+    "ontology_from_rows",
+    "read_atlas_h5",
+    "write_atlas_h5",
     "pseudo_template",
+    "read_atlas_h5",
     "read_ontology",
+    "write_atlas_h5",
 ]
 
 CCF_EXTENT_UM = (13200.0, 8000.0, 11400.0)
@@ -116,23 +121,28 @@ def read_ontology(path: str | Path) -> Ontology:
     if not path.is_file():
         raise FileNotFoundError(f"ontology file not found: {path}")
     if path.suffix.lower() == ".json":
-        rows = _rows_from_graph(path)
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        rows = _rows_from_graph(doc, path)
     elif path.suffix.lower() == ".csv":
         rows = _rows_from_csv(path)
     else:
         raise ValueError(f"{path}: ontology must be a structure-graph .json or structure-tree .csv")
-    table = pd.DataFrame(rows, columns=["id", "acronym", "name", "parent_id", "color"])
+    return ontology_from_rows(rows, str(path))
+
+
+def ontology_from_rows(rows: Iterable[tuple], source: str = "") -> Ontology:
+    """An ontology from ``(id, acronym, name, parent_id, colour)`` rows (parent 0 = none)."""
+    table = pd.DataFrame(list(rows), columns=["id", "acronym", "name", "parent_id", "color"])
     table = table.drop_duplicates("id").set_index("id")
-    table["path"] = _paths(table["parent_id"], path)
+    table["path"] = _paths(table["parent_id"], Path(source))
     table["depth"] = table["path"].map(len) - 1
     return Ontology(table)
 
 
-def _rows_from_graph(path: Path) -> list[tuple]:
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+def _rows_from_graph(doc: Any, path: Path) -> list[tuple]:
     roots = doc.get("msg") if isinstance(doc, dict) else doc
     if not isinstance(roots, list) or not roots:
         raise ValueError(f"{path}: expected an Allen structure graph with a non-empty 'msg' list")
@@ -348,21 +358,17 @@ def _load_brainglobe(name: str) -> Atlas:
             s["id"],
             s["acronym"],
             s["name"],
-            (s["structure_id_path"] or [0, 0])[-2] if len(s["structure_id_path"]) > 1 else 0,
+            s["structure_id_path"][-2] if len(s["structure_id_path"]) > 1 else 0,
             "",
         )
         for s in bg.structures_list
     ]
-    table = pd.DataFrame(rows, columns=["id", "acronym", "name", "parent_id", "color"])
-    table = table.set_index("id")
-    table["path"] = _paths(table["parent_id"], Path(name))
-    table["depth"] = table["path"].map(len) - 1
     resolution = float(bg.resolution[0])
     return Atlas(
         np.asarray(bg.annotation, dtype=np.uint32),
         np.asarray(bg.reference, dtype=np.float32),
         resolution,
-        Ontology(table),
+        ontology_from_rows(rows, name),
         False,
         f"brainglobe:{name}",
     )
@@ -383,3 +389,32 @@ def pseudo_template(annotation: np.ndarray, ontology: Ontology) -> np.ndarray:
             values[np.isin(ids, ontology.descendants(acronym))] = value
     volume = values[compact.reshape(annotation.shape)]
     return ndi.gaussian_filter(volume, 1.0)
+
+
+def write_atlas_h5(path: str | Path, atlas: Atlas) -> None:
+    """Cache an atlas as one uncompressed HDF5 file (fast to read back whole)."""
+    import h5py
+
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("annotation", data=atlas.annotation)
+        fh.create_dataset("template", data=atlas.template.astype(np.float32))
+        fh.attrs["resolution_um"] = atlas.resolution_um
+        fh.attrs["template_is_pseudo"] = atlas.template_is_pseudo
+        fh.attrs["source"] = atlas.source
+        fh.attrs["ontology"] = json.dumps(atlas.ontology.to_structure_graph())
+
+
+def read_atlas_h5(path: str | Path) -> Atlas:
+    """Read an atlas written by :func:`write_atlas_h5`."""
+    import h5py
+
+    with h5py.File(path, "r") as fh:
+        rows = _rows_from_graph(json.loads(fh.attrs["ontology"]), Path(path))
+        return Atlas(
+            fh["annotation"][()],
+            fh["template"][()],
+            float(fh.attrs["resolution_um"]),
+            ontology_from_rows(rows, str(path)),
+            bool(fh.attrs["template_is_pseudo"]),
+            str(fh.attrs["source"]),
+        )

@@ -27,7 +27,7 @@ import pandas as pd
 from scipy import ndimage as ndi
 
 from .anchoring import SectionAnchor, ccf_to_quicknii, write_quint
-from .atlas import CCF_EXTENT_UM, MIDLINE_UM, Atlas, Ontology
+from .atlas import CCF_EXTENT_UM, MIDLINE_UM, Atlas, Ontology, ontology_from_rows
 from .io import write_ome_zarr
 
 __all__ = [
@@ -215,15 +215,7 @@ def _template(anat: _Anatomy, resolution_um: float, rng: np.random.Generator) ->
 
 
 def _ontology() -> Ontology:
-    from .atlas import _paths
-
-    table = pd.DataFrame(
-        [(s, a, n, p, c) for s, a, n, p, c in _STRUCTURES],
-        columns=["id", "acronym", "name", "parent_id", "color"],
-    ).set_index("id")
-    table["path"] = _paths(table["parent_id"], Path("phantom"))
-    table["depth"] = table["path"].map(len) - 1
-    return Ontology(table)
+    return ontology_from_rows(_STRUCTURES, "phantom")
 
 
 def phantom_atlas(resolution_um: float = 50.0, *, seed: int = 0) -> Atlas:

@@ -5,7 +5,7 @@ Run with the ``cellmap2d`` command, or ``python -m luigi --module tasks Pipeline
 
 from ._config import cellmap2d
 from .brain import AnchorSeries, BrainCells
-from .celltypes import AtlasCellTypes, TypeDensities
+from .celltypes import AtlasCellTypes, PrepareAtlas, TypeDensities
 from .cohort import ChallengeTable, CohortIdentity, Identity, Pipeline
 from .sections import DetectCells, ReadSection, RefineSection, SectionThumbnail
 
@@ -18,6 +18,7 @@ __all__ = [
     "DetectCells",
     "Identity",
     "Pipeline",
+    "PrepareAtlas",
     "ReadSection",
     "RefineSection",
     "SectionThumbnail",

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 
 import luigi
 
-from cellmap2d.atlas import Atlas, load_atlas
+from cellmap2d.atlas import Atlas, load_atlas, read_atlas_h5
 from cellmap2d.io import BrainImage, BrainSpec, open_brain, read_manifest
 
 
@@ -78,13 +79,23 @@ def brain_sections(brain_id: str) -> list[int]:
     return list(spec.sections)
 
 
-@functools.lru_cache(maxsize=2)
-def _atlas(source: str, resolution: int) -> Atlas:
-    return load_atlas(source, resolution_um=resolution)
-
-
-def atlas() -> Atlas:
+def source_atlas() -> Atlas:
+    """The configured atlas, read from its source (slow: NRRD or BrainGlobe)."""
     cfg = settings()
     if not cfg.atlas:
         raise ValueError("no atlas configured: set [cellmap2d] atlas or pass --atlas")
-    return _atlas(cfg.atlas, cfg.atlas_resolution)
+    return load_atlas(cfg.atlas, resolution_um=cfg.atlas_resolution)
+
+
+def atlas_cache_name() -> str:
+    """File name of the store's atlas cache, unique to the atlas source and resolution."""
+    cfg = settings()
+    source = str(Path(cfg.atlas).resolve()) if Path(cfg.atlas).exists() else cfg.atlas
+    digest = hashlib.sha1(source.encode()).hexdigest()[:8]
+    return f"atlas_{cfg.atlas_resolution}um_{digest}.h5"
+
+
+@functools.lru_cache(maxsize=2)
+def cached_atlas(path: str) -> Atlas:
+    """The atlas from the store's cache (fast; cached per process)."""
+    return read_atlas_h5(path)

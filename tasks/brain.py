@@ -14,7 +14,8 @@ from cellmap2d.assemble import SectionPlacement, brain_anndata
 from cellmap2d.registration import Refinement
 
 from ._base import StoreTask
-from ._config import atlas, brain_image, brain_sections, brain_spec, settings
+from ._config import brain_image, brain_sections, brain_spec, cached_atlas, settings
+from .celltypes import PrepareAtlas
 from .sections import DetectCells, RefineSection, SectionThumbnail, load_thumbnail, read_cells
 
 
@@ -34,11 +35,12 @@ class AnchorSeries(StoreTask):
     brain_id = luigi.Parameter()
     relative_path = "brains/{brain_id}/anchoring.json"
 
-    def requires(self) -> dict[int, SectionThumbnail]:
-        return {
+    def requires(self) -> dict[str, object]:
+        thumbnails = {
             z: SectionThumbnail(brain_id=self.brain_id, section=z)
             for z in brain_sections(self.brain_id)
         }
+        return {"atlas": PrepareAtlas(), "thumbnails": thumbnails}
 
     def run(self) -> None:
         quint = settings().anchoring == "quint"
@@ -59,13 +61,13 @@ class AnchorSeries(StoreTask):
         return series
 
     def _search(self):
-        thumbs = {z: load_thumbnail(t.path) for z, t in self.input().items()}
+        thumbs = {z: load_thumbnail(t.path) for z, t in self.input()["thumbnails"].items()}
         first = next(iter(thumbs.values()))
         spec, brain = brain_spec(self.brain_id), brain_image(self.brain_id)
         fit = search_series(
             [t["autofluorescence"] for t in thumbs.values()],
             list(thumbs),
-            atlas=atlas(),
+            atlas=cached_atlas(self.input()["atlas"].path),
             thumbnail_pixel_um=float(first["pixel_um"]),
             level0_shape=tuple(int(v) for v in first["level0_shape"]),
             level0_pixel_um=brain.pixel_size_um[0],
@@ -98,6 +100,7 @@ class BrainCells(StoreTask):
         kw = {"brain_id": self.brain_id}
         return {
             "anchoring": AnchorSeries(**kw),
+            "atlas": PrepareAtlas(),
             "cells": [DetectCells(section=z, **kw) for z in sections],
             "refined": {z: RefineSection(section=z, **kw) for z in sections},
             "thumbnails": {z: SectionThumbnail(section=z, **kw) for z in sections},
@@ -123,7 +126,7 @@ class BrainCells(StoreTask):
             self.brain_id,
             cells,
             placements,
-            atlas(),
+            cached_atlas(inputs["atlas"].path),
             pixel_size_um=brain_image(self.brain_id).pixel_size_um[0],
             provenance={
                 "anchoring": cfg.anchoring,

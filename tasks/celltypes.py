@@ -8,7 +8,22 @@ from cellmap2d.celltypes import read_abc
 from cellmap2d.density import Grid, type_densities, write_densities
 
 from ._base import StoreTask
-from ._config import settings
+from ._config import atlas_cache_name, settings, source_atlas
+
+
+class PrepareAtlas(StoreTask):
+    """The configured atlas cached in the store as one fast-to-read HDF5 file."""
+
+    def path(self):  # noqa: ANN201
+        from ._config import store
+
+        return store() / "atlas" / atlas_cache_name()
+
+    def run(self) -> None:
+        from cellmap2d.atlas import write_atlas_h5
+
+        with self.output().temporary_path() as tmp:
+            write_atlas_h5(tmp, source_atlas())
 
 
 class AtlasCellTypes(StoreTask):

@@ -11,9 +11,9 @@ from cellmap2d.density import DensityFile
 from cellmap2d.identity import brain_identity, challenge_table
 
 from ._base import StoreTask
-from ._config import atlas, brain_spec, manifest, settings
+from ._config import brain_spec, cached_atlas, manifest, settings
 from .brain import AnchorSeries, BrainCells, section_flags
-from .celltypes import TypeDensities
+from .celltypes import PrepareAtlas, TypeDensities
 
 
 def densities_task() -> TypeDensities:
@@ -34,6 +34,7 @@ class Identity(StoreTask):
             "cells": BrainCells(brain_id=self.brain_id),
             "anchoring": AnchorSeries(brain_id=self.brain_id),
             "densities": densities_task(),
+            "atlas": PrepareAtlas(),
         }
 
     def run(self) -> None:
@@ -44,7 +45,7 @@ class Identity(StoreTask):
             if flags.get(a.nr) != "empty":
                 centre = a.to_ccf(a.width / 2, a.height / 2, width=a.width, height=a.height)[0]
                 planes.append((centre, a.normal()))
-        the_atlas = atlas()
+        the_atlas = cached_atlas(self.input()["atlas"].path)
         with DensityFile(self.input()["densities"].path) as densities:
             table = brain_identity(
                 cells.obsm["ccf"],

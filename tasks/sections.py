@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import ants  # noqa: F401  (imported once before the workers fork, not once per task)
 import luigi
 import numpy as np
 import pandas as pd
@@ -15,7 +16,7 @@ from cellmap2d.registration import Refinement, refine, tissue_mask
 from cellmap2d.segmentation import detect_cells
 
 from ._base import StoreTask
-from ._config import atlas, brain_image, brain_spec, settings
+from ._config import brain_image, brain_spec, cached_atlas, settings
 
 
 class ReadSection(StoreTask):
@@ -109,10 +110,12 @@ class RefineSection(StoreTask):
 
     def requires(self) -> dict[str, luigi.Task]:
         from .brain import AnchorSeries
+        from .celltypes import PrepareAtlas
 
         return {
             "thumbnail": SectionThumbnail(brain_id=self.brain_id, section=self.section),
             "anchoring": AnchorSeries(brain_id=self.brain_id),
+            "atlas": PrepareAtlas(),
         }
 
     def run(self) -> None:
@@ -127,7 +130,7 @@ class RefineSection(StoreTask):
         grid = section_grid_ccf(
             anchors[self.section], image.shape, float(thumb["factor"]), tuple(thumb["level0_shape"])
         )
-        the_atlas = atlas()
+        the_atlas = cached_atlas(self.input()["atlas"].path)
         atlas_slice = the_atlas.plane_image(grid, kind="template")
         atlas_mask = the_atlas.plane_image(grid, kind="annotation") > 0
         self.progress("registering with ANTs")
