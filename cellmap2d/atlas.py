@@ -164,10 +164,13 @@ def _rows_from_csv(path: Path) -> list[tuple]:
         raise ValueError(f"{path}: structure-tree CSV lacks columns {sorted(missing)}")
     frame = frame[frame["id"] > 0]
     parent = frame["parent_structure_id"].fillna(0).astype(np.int64)
-    color = frame.get("color_hex_triplet", "")
+    if "color_hex_triplet" in frame:
+        color = frame["color_hex_triplet"].fillna("").astype(str)
+    else:
+        color = pd.Series("", index=frame.index, dtype=object)
     names = frame["name"] if "name" in frame else frame["acronym"]
     return list(
-        zip(frame["id"].astype(np.int64), frame["acronym"], names, parent, color, strict=False)
+        zip(frame["id"].astype(np.int64), frame["acronym"], names, parent, color, strict=True)
     )
 
 
@@ -224,12 +227,13 @@ class Atlas:
     def voxel_index(self, ccf_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """QuickNII/Nutil voxel of each point and whether it lies inside the volume."""
         ccf = np.atleast_2d(np.asarray(ccf_um, dtype=np.float64)) / self.resolution_um
-        idx = np.empty(ccf.shape, dtype=np.int64)
-        idx[:, 0] = np.ceil(ccf[:, 0])
-        idx[:, 1] = np.ceil(ccf[:, 1])
-        idx[:, 2] = np.floor(ccf[:, 2])
         finite = np.isfinite(ccf).all(axis=1)
-        idx[~finite] = -1
+        # round finite values only (non-finite points become -1) and keep them in int64 range,
+        # so NaN, inf and absurd coordinates never reach the cast (which warns and gives garbage)
+        voxel = np.where(finite[:, None], ccf, -1.0)
+        voxel[:, :2] = np.ceil(voxel[:, :2])
+        voxel[:, 2] = np.floor(voxel[:, 2])
+        idx = np.clip(voxel, -(2.0**62), 2.0**62).astype(np.int64)
         inside = finite & np.all((idx >= 0) & (idx < np.array(self.shape)), axis=1)
         return idx, inside
 

@@ -9,6 +9,7 @@ by ``f``) covers level-0 pixels ``[i·f, (i+1)·f)``, so its centre is at level-
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,21 +55,34 @@ class BrainSpec:
 
 
 def parse_sections(text: str | float | None) -> tuple[int, ...] | None:
-    """Parse a section list such as ``"10-120"`` or ``"1,3,5-9"`` (inclusive ranges)."""
+    """Parse a section list such as ``"10-120"`` or ``"1,3,5-9"`` (inclusive ranges).
+
+    Section indices are ≥ 0; a negative index, a backwards range or a non-number raises
+    ValueError naming the offending part.
+    """
     if text is None or (isinstance(text, float) and math.isnan(text)) or str(text).strip() == "":
         return None
     out: list[int] = []
     for part in str(text).replace(";", ",").split(","):
         part = part.strip()
-        if "-" in part[1:]:
-            lo, hi = part.split("-", 1)
-            lo_i, hi_i = int(lo), int(hi)
-            if hi_i < lo_i:
-                raise ValueError(f"section range {part!r} runs backwards")
-            out.extend(range(lo_i, hi_i + 1))
-        elif part:
-            out.append(int(part))
+        if not part:
+            continue
+        match = _SECTION_PART.fullmatch(part)
+        if match is None:
+            if part.startswith("-") or "--" in part:
+                raise ValueError(f"section {part!r}: section indices must be ≥ 0")
+            raise ValueError(
+                f"section {part!r} is not an index or an inclusive range like '10-120'"
+            )
+        lo_i = int(match["lo"])
+        hi_i = lo_i if match["hi"] is None else int(match["hi"])
+        if hi_i < lo_i:
+            raise ValueError(f"section range {part!r} runs backwards")
+        out.extend(range(lo_i, hi_i + 1))
     return tuple(sorted(set(out)))
+
+
+_SECTION_PART = re.compile(r"(?P<lo>[0-9]+)(?:\s*-\s*(?P<hi>[0-9]+))?")
 
 
 def _is_url(path: str) -> bool:
@@ -86,19 +100,31 @@ def read_manifest(path: str | Path) -> list[BrainSpec]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
-    frame = pd.read_csv(path, dtype={"brain_id": str, "path": str, "sections": str})
+    frame = pd.read_csv(
+        path, dtype={"brain_id": str, "path": str, "sections": str}, skip_blank_lines=False
+    )
+    # blank lines are kept while reading so that the index gives the file line (header = 1)
+    frame = frame.dropna(how="all")
+    lines = frame.index.to_numpy() + 2
     missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(
             f"{path}: manifest lacks columns {missing}; expected {', '.join(MANIFEST_COLUMNS)} "
             "and optionally pixel_size_um, level, sections"
         )
-    if frame["brain_id"].duplicated().any():
-        dup = sorted(frame.loc[frame["brain_id"].duplicated(), "brain_id"])
+    for row_no, row in zip(lines, frame.itertuples(index=False), strict=True):
+        for column in MANIFEST_COLUMNS:
+            value = getattr(row, column)
+            if pd.isna(value) or str(value).strip() == "":
+                brain = "" if column == "brain_id" else f" (brain {str(row.brain_id).strip()})"
+                raise ValueError(f"{path} line {row_no}{brain}: column {column!r} is empty")
+    brain_ids = frame["brain_id"].str.strip()
+    if brain_ids.duplicated().any():
+        dup = sorted(set(brain_ids[brain_ids.duplicated()]))
         raise ValueError(f"{path}: brain ids appear more than once: {dup}")
     specs = []
-    for row_no, row in enumerate(frame.itertuples(index=False), start=2):
-        where = f"{path} line {row_no} (brain {row.brain_id})"
+    for row_no, row in zip(lines, frame.itertuples(index=False), strict=True):
+        where = f"{path} line {row_no} (brain {str(row.brain_id).strip()})"
         try:
             image = str(row.path).strip()
             if not _is_url(image) and not Path(image).is_absolute():
@@ -158,6 +184,17 @@ class BrainImage:
         return int(self.arrays[0].shape[2]), int(self.arrays[0].shape[3])
 
     def downsampling(self, level: int) -> float:
+        """Level-0 pixels per pixel of ``level``: the ratio of the metadata pixel sizes.
+
+        Pyramids written by :func:`write_ome_zarr` are exact 2× block means with odd sizes
+        cropped, so the array width ratio is wrong for odd sizes; it is only the fallback when
+        the pixel sizes are missing.
+        """
+        sizes = self.pixel_size_um
+        if 0 <= level < len(sizes):
+            base, size = float(sizes[0]), float(sizes[level])
+            if math.isfinite(base) and math.isfinite(size) and base > 0 and size > 0:
+                return size / base
         return self.shape[1] / self.arrays[level].shape[3]
 
     def section(self, z: int, channel: int, *, level: int = 0) -> np.ndarray:
@@ -263,11 +300,17 @@ def write_ome_zarr(
     from skimage.transform import downscale_local_mean
 
     pyramid = [volume]
+    exact: np.ndarray = volume  # the unrounded block means of the previous level
+    integer = np.issubdtype(volume.dtype, np.integer)
     for _ in range(1, n_levels):
-        prev = pyramid[-1]
-        h, w = (prev.shape[2] // 2) * 2, (prev.shape[3] // 2) * 2
-        down = downscale_local_mean(prev[:, :, :h, :w], (1, 1, 2, 2))
-        pyramid.append(down.astype(volume.dtype))
+        h, w = (exact.shape[2] // 2) * 2, (exact.shape[3] // 2) * 2
+        exact = downscale_local_mean(exact[:, :, :h, :w], (1, 1, 2, 2))
+        if integer:
+            info = np.iinfo(volume.dtype)
+            level = np.clip(np.rint(exact), info.min, info.max).astype(volume.dtype)
+        else:
+            level = exact.astype(volume.dtype)
+        pyramid.append(level)
     transforms = [
         [
             {

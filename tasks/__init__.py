@@ -4,7 +4,7 @@ Run with the ``cellmap2d`` command, or ``python -m luigi --module tasks Pipeline
 """
 
 from ._config import cellmap2d
-from .brain import AnchorSeries, BrainCells
+from .brain import AnchorSeries, BrainCells, BrainQC
 from .celltypes import AtlasCellTypes, PrepareAtlas, TypeDensities
 from .cohort import ChallengeTable, CohortIdentity, Identity, Pipeline
 from .sections import DetectCells, ReadSection, RefineSection, SectionThumbnail
@@ -13,6 +13,7 @@ __all__ = [
     "AnchorSeries",
     "AtlasCellTypes",
     "BrainCells",
+    "BrainQC",
     "ChallengeTable",
     "CohortIdentity",
     "DetectCells",

@@ -61,10 +61,14 @@ def brain_spec(brain_id: str) -> BrainSpec:
     return specs[brain_id]
 
 
-@functools.lru_cache(maxsize=8)
 def brain_image(brain_id: str) -> BrainImage:
     spec = brain_spec(brain_id)
-    return open_brain(spec.path, brain_id=brain_id, pixel_size_um=spec.pixel_size_um)
+    return _open_brain(spec.path, brain_id, spec.pixel_size_um)
+
+
+@functools.lru_cache(maxsize=8)
+def _open_brain(path: str, brain_id: str, pixel_size_um: float | None) -> BrainImage:
+    return open_brain(path, brain_id=brain_id, pixel_size_um=pixel_size_um)
 
 
 def brain_sections(brain_id: str) -> list[int]:

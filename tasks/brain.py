@@ -146,3 +146,49 @@ def read_cells_h5ad(path: str) -> ad.AnnData:
 
 def ccf_of(path: str) -> np.ndarray:
     return np.asarray(read_cells_h5ad(path).obsm["ccf"])
+
+
+class BrainQC(StoreTask):
+    """Overview figure: every section with the warped atlas boundaries and the mapped cells."""
+
+    brain_id = luigi.Parameter()
+    relative_path = "brains/{brain_id}/qc/overview.png"
+
+    def requires(self) -> dict[str, object]:
+        kw = {"brain_id": self.brain_id}
+        sections = brain_sections(self.brain_id)
+        return {
+            "cells": BrainCells(**kw),
+            "anchoring": AnchorSeries(**kw),
+            "atlas": PrepareAtlas(),
+            "refined": {z: RefineSection(section=z, **kw) for z in sections},
+            "thumbnails": {z: SectionThumbnail(section=z, **kw) for z in sections},
+        }
+
+    def run(self) -> None:
+        from cellmap2d.assemble import section_grid_ccf
+        from cellmap2d.io import from_level0
+        from cellmap2d.plots import SectionView, series_overview
+
+        inputs = self.input()
+        the_atlas = cached_atlas(inputs["atlas"].path)
+        anchors = {a.nr: a for a in read_quint(inputs["anchoring"].path)}
+        flags = section_flags(inputs["anchoring"].path)
+        obs = ad.read_h5ad(inputs["cells"].path).obs
+        views = []
+        for z, target in inputs["thumbnails"].items():
+            thumb = load_thumbnail(target.path)
+            factor = float(thumb["factor"])
+            image = thumb["autofluorescence"]
+            grid = section_grid_ccf(
+                anchors[z], image.shape, factor, tuple(int(v) for v in thumb["level0_shape"])
+            )
+            labels = Refinement.load(inputs["refined"][z].path).warp_labels(
+                the_atlas.plane_image(grid, kind="annotation")
+            )
+            cells = obs.loc[obs["section"] == z, ["x_px", "y_px"]].to_numpy()
+            label = f"s{z} {flags.get(z) or ''}".strip()
+            views.append(SectionView(z, image, labels, from_level0(cells, factor), label))
+        figure = series_overview(views, title=f"brain {self.brain_id}")
+        with self.output().temporary_path() as tmp:
+            figure.savefig(tmp, format="png", dpi=80)

@@ -12,7 +12,7 @@ from cellmap2d.identity import brain_identity, challenge_table
 
 from ._base import StoreTask
 from ._config import brain_spec, cached_atlas, manifest, settings
-from .brain import AnchorSeries, BrainCells, section_flags
+from .brain import AnchorSeries, BrainCells, BrainQC, section_flags
 from .celltypes import PrepareAtlas, TypeDensities
 
 
@@ -108,4 +108,4 @@ class Pipeline(luigi.WrapperTask):
     """Everything for every brain of the manifest."""
 
     def requires(self) -> list[luigi.Task]:
-        return [ChallengeTable()]
+        return [ChallengeTable(), *(BrainQC(brain_id=b) for b in sorted(manifest()))]

@@ -1,0 +1,169 @@
+"""The whole task graph on a tiny phantom brain, through ``luigi.build``."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import luigi
+import luigi.configuration
+import numpy as np
+import pandas as pd
+import pytest
+from luigi.execution_summary import LuigiStatusCode
+
+from cellmap2d.anchoring import read_quint
+from cellmap2d.identity import CHALLENGE_COLUMNS
+from cellmap2d.synthetic import WorldConfig, evaluate_mapping, make_world
+
+
+def _configure(**values: object) -> None:
+    config = luigi.configuration.get_config()
+    for key, value in values.items():
+        config.set("cellmap2d", key, str(value))
+
+
+def _build(tasks: list) -> luigi.execution_summary.LuigiRunResult:
+    return luigi.build(
+        tasks, local_scheduler=True, workers=1, detailed_summary=True, log_level="WARNING"
+    )
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory):
+    return make_world(tmp_path_factory.mktemp("world") / "tiny", WorldConfig.tiny())
+
+
+@pytest.fixture(scope="module")
+def store(world, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    store = tmp_path_factory.mktemp("store")
+    _configure(
+        store=store,
+        manifest=world.manifest,
+        atlas=world.atlas_dir,
+        atlas_resolution=100,
+        abc=world.abc_dir,
+        cell_diameter_um=world.config.cell_diameter_um,
+        registration_pixel_um=50,
+        density_voxel_um=100,
+        density_sigma_um=150,
+        bootstrap=20,
+        anchoring="search",
+    )
+    from tasks import Pipeline
+
+    result = _build([Pipeline()])
+    assert result.status == LuigiStatusCode.SUCCESS, result.summary_text
+    return store
+
+
+def test_planted_type_ranks_first(world, store: Path) -> None:
+    planted = world.truth_mixtures()
+    for brain_id, rows in planted.groupby("brain_id"):
+        table = pd.read_csv(store / "brains" / brain_id / "identity.csv")
+        top = rows.sort_values("planted_fraction").iloc[-1]["type"]
+        assert table.loc[table["rank"] == 1, "type"].item() == top
+        assert table["fraction"].sum() == pytest.approx(1.0)
+        assert (table["fraction_low"] <= table["fraction"] + 1e-12).all()
+
+
+def test_cells_h5ad_schema_and_accuracy(world, store: Path) -> None:
+    import scanpy as sc
+
+    brain_id = world.config.brains[0].brain_id
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adata = sc.read_h5ad(store / "brains" / brain_id / "cells.h5ad")
+    assert adata.n_obs > 100
+    obs = adata.obs
+    for column in (
+        "section",
+        "x_px",
+        "y_px",
+        "intensity",
+        "radius_um",
+        "region_id",
+        "region_acronym",
+        "hemisphere",
+    ):
+        assert column in obs
+    assert obs["section"].dtype == np.int64
+    assert isinstance(obs["region_acronym"].dtype, pd.CategoricalDtype)
+    assert set(obs["hemisphere"].cat.categories) == {"left", "right"}
+    assert adata.obsm["ccf"].shape == (adata.n_obs, 3)
+    assert adata.obsm["spatial"].shape == (adata.n_obs, 2)
+    np.testing.assert_allclose(
+        adata.obsm["spatial"], obs[["x_px", "y_px"]].to_numpy() * world.config.pixel_size_um
+    )
+    provenance = adata.uns["cellmap2d"]
+    assert provenance["brain_id"] == brain_id and "version" in provenance
+    assert len(provenance["sections"]["section"]) == world.config.brains[0].n_sections
+    quality = evaluate_mapping(
+        obs[["x_px", "y_px"]].to_numpy(),
+        obs["section"].to_numpy(),
+        adata.obsm["ccf"],
+        world.truth_cells(brain_id),
+        max_px=2.0,
+    )
+    assert quality["recall"] > 0.8 and quality["precision"] > 0.8
+    # 100 µm atlas, 40 µm registration pixels: well under a voxel is the aim
+    assert quality["median_um"] < 100.0, quality
+
+
+def test_anchoring_json_is_quint_and_flags_missing_section(world, store: Path) -> None:
+    brain = world.config.brains[0]
+    path = store / "brains" / brain.brain_id / "anchoring.json"
+    series = read_quint(path)
+    assert [a.nr for a in series] == list(range(brain.n_sections))
+    qc = json.loads(path.read_text())["cellmap2d"]["sections"]
+    flags = dict(zip(qc["section"], qc["flag"], strict=True))
+    for missing in brain.missing:
+        assert flags[missing] == "empty"
+    truth = {a.nr: a for a in read_quint(world.truth_anchoring(brain.brain_id))}
+    for a in series:
+        if a.nr in truth:
+            centre = (a.width / 2, a.height / 2)
+            mine = a.to_ccf(*centre, width=a.width, height=a.height)
+            true = truth[a.nr].to_ccf(*centre, width=a.width, height=a.height)
+            assert abs(mine[0, 0] - true[0, 0]) < 300, (a.nr, mine, true)
+
+
+def test_cohort_tables(world, store: Path) -> None:
+    long = pd.read_csv(store / "cohort" / "identity.csv", dtype={"brain_id": str})
+    assert set(long["brain_id"]) == {b.brain_id for b in world.config.brains}
+    challenge = pd.read_csv(store / "cohort" / "mapmysections.csv", dtype={"brain_id": str})
+    assert list(challenge.columns) == ["brain_id", *CHALLENGE_COLUMNS]
+    np.testing.assert_allclose(challenge[list(CHALLENGE_COLUMNS)].sum(axis=1), 1.0)
+    row = challenge.iloc[0]
+    assert row[list(CHALLENGE_COLUMNS)].astype(float).idxmax() == "L6.CT.CTX.Glut"
+
+
+def test_rerun_does_nothing(store: Path) -> None:
+    from tasks import Pipeline
+
+    outputs = sorted(p for p in store.rglob("*") if p.is_file())
+    before = {p: p.stat().st_mtime_ns for p in outputs}
+    result = _build([Pipeline()])
+    assert result.status == LuigiStatusCode.SUCCESS
+    assert "Did not run any tasks" in result.summary_text
+    assert {p: p.stat().st_mtime_ns for p in outputs} == before
+
+
+def test_bad_brain_fails_the_run_but_not_the_others(world, store: Path, tmp_path: Path) -> None:
+    manifest = pd.read_csv(world.manifest, dtype=str)
+    manifest["path"] = [str(world.root / p) for p in manifest["path"]]
+    bad = manifest.iloc[[0]].assign(brain_id="broken", path=str(tmp_path / "nowhere.ome.zarr"))
+    both = tmp_path / "manifest.csv"
+    pd.concat([manifest, bad]).to_csv(both, index=False)
+    _configure(manifest=both)
+    try:
+        from tasks import Identity, Pipeline
+
+        result = _build([Pipeline()])
+        assert result.status != LuigiStatusCode.SUCCESS
+        good = Identity(brain_id=world.config.brains[0].brain_id)
+        assert good.complete()
+        assert not (store / "brains" / "broken" / "identity.csv").exists()
+    finally:
+        _configure(manifest=world.manifest)
