@@ -36,7 +36,10 @@ class Refinement:
         ``"syn"``, ``"affine"`` or ``"anchoring"`` (no step improved on the anchoring).
     qc
         Similarity before/after each step (Mattes mutual information, higher is better),
-        minimum Jacobian determinant, tissue-mask Dice after refinement.
+        minimum Jacobian determinant, tissue-mask Dice after refinement. Every result of
+        :func:`refine` carries ``tissue_px``, ``mask_dice``, ``mask_dice_anchoring`` and
+        ``min_jacobian`` (1.0 when the anchoring stands); ``similarity_anchoring`` and
+        ``similarity_affine`` whenever registration ran, ``similarity_syn`` when SyN was tried.
     """
 
     section_to_atlas: np.ndarray
@@ -165,7 +168,7 @@ def refine(
     smask = tissue_mask(section) if section_mask is None else np.asarray(section_mask, bool)
     amask = tissue_mask(atlas) if atlas_mask is None else np.asarray(atlas_mask, bool)
     if smask.sum() < 50 or amask.sum() < 50:
-        return Refinement.identity(section.shape, {"tissue_px": float(smask.sum())})
+        return _with_mask_qc(Refinement.identity(section.shape), smask, amask)
     fixed = ants.from_numpy(_normalise(section, smask))
     moving = ants.from_numpy(_normalise(atlas, amask))
     region = ndi.binary_dilation(smask | amask, iterations=3)
@@ -220,17 +223,29 @@ def refine(
                     transforms, method = deform["fwdtransforms"], "syn"
                     jac = ants.create_jacobian_determinant_image(fixed, transforms[0]).numpy()
                     qc["min_jacobian"] = float(jac[smask].min())
+            if "min_jacobian" not in qc:
+                qc["min_jacobian"] = float(abs(np.linalg.det(_affine_matrix(transforms[-1]))))
             dense = _dense_map(transforms, section.shape)
             refinement = Refinement(dense, method, qc)
-        if transforms is not None and "min_jacobian" not in qc:
-            qc["min_jacobian"] = float(abs(np.linalg.det(_affine_matrix(transforms[-1]))))
-        warped = refinement.warp_labels(amask.astype(np.uint8)).astype(bool)
-        qc["mask_dice"] = float(2 * (warped & smask).sum() / (warped.sum() + smask.sum()))
-        qc["mask_dice_anchoring"] = float(2 * (amask & smask).sum() / (amask.sum() + smask.sum()))
-        qc.setdefault("min_jacobian", 1.0)
-        return refinement
+        return _with_mask_qc(refinement, smask, amask)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return float(2 * (a & b).sum() / total) if total else float("nan")
+
+
+def _with_mask_qc(refinement: Refinement, smask: np.ndarray, amask: np.ndarray) -> Refinement:
+    """Add the QC every result carries to ``refinement.qc`` (the dict the result holds)."""
+    qc = refinement.qc
+    warped = refinement.warp_labels(amask.astype(np.uint8)).astype(bool)
+    qc["tissue_px"] = float(smask.sum())
+    qc["mask_dice"] = _dice(warped, smask)
+    qc["mask_dice_anchoring"] = _dice(amask, smask)
+    qc.setdefault("min_jacobian", 1.0)  # the identity (anchoring) map does not fold
+    return refinement
 
 
 def _deterministic(ants, seed: int) -> None:
