@@ -7,7 +7,12 @@ separate ``tasks`` package. Submodules are imported on first use so ``import cel
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# ANTs registration is reproducible only single-threaded; ITK reads this when ANTs is first
+# imported, so it is set here, before any cellmap2d module can import ANTs.
+os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 
 __version__ = "0.1.0"
 

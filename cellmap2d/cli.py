@@ -124,7 +124,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .synthetic import WorldConfig, make_world
 
     started = time.perf_counter()
-    store = Path(args.store).resolve() / "demo"
+    store = Path(args.store).resolve() / ("demo" if args.seed == 0 else f"demo-seed{args.seed}")
     config = WorldConfig.demo(seed=args.seed)
     world_dir = store / "world"
     if not (world_dir / "world.json").is_file():

@@ -17,8 +17,6 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
-os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
-
 __all__ = ["Refinement", "refine", "tissue_mask"]
 
 _MIN_GAIN = 1e-3
@@ -140,8 +138,8 @@ def refine(
     A step is kept only if it raises the image similarity (Mattes mutual information within
     the tissue masks); otherwise the previous stage stands (``method`` says which).
     Deterministic for a given ``random_seed`` ≥ 1 (ANTs takes 0 as "seed from the clock") as
-    long as ITK runs with one thread (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1``, which this
-    module sets unless the environment already has it, before ANTs is first imported).
+    long as ITK runs with one thread (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1``, which
+    ``import cellmap2d`` sets unless the environment already has it).
 
     Parameters
     ----------

@@ -234,10 +234,6 @@ def test_read_ontology_broken_parent_chain(tmp_path: Path) -> None:
         read_ontology(path)
 
 
-@pytest.mark.xfail(
-    reason="BUG: atlas._rows_from_csv zips with '' when color_hex_triplet is absent → 0 rows",
-    strict=True,
-)
 def test_read_ontology_csv_without_colour_column(tmp_path: Path) -> None:
     """A structure-tree CSV without the optional colour column still gives every structure."""
     path = tmp_path / "tree.csv"
@@ -248,6 +244,9 @@ def test_read_ontology_csv_without_colour_column(tmp_path: Path) -> None:
     ontology = read_ontology(path)
     assert len(ontology) == 3
     assert ontology.table.loc[567, "path"] == (997, 8, 567)
+    assert ontology.table.loc[8, "name"] == "Basic cell groups"
+    assert ontology.id_of("CH") == 567
+    assert (ontology.table["color"] == "").all()
 
 
 # --- region look-up ------------------------------------------------------------------------
@@ -307,7 +306,7 @@ def test_voxel_index_matches_anchoring_atlas_index(atlas25: Atlas) -> None:
     assert np.array_equal(idx, atlas_index(ccf_to_quicknii(ccf)))
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
+@pytest.mark.filterwarnings("error")
 def test_region_ids_known_structure_and_outside(atlas25: Atlas, raw25: np.ndarray) -> None:
     """A single point gets the id stored at its voxel; points off the volume or NaN give 0."""
     i, j, k = 293, 100, 150
@@ -328,16 +327,35 @@ def test_region_ids_known_structure_and_outside(atlas25: Atlas, raw25: np.ndarra
     assert atlas25.region_ids(outside).dtype == np.int64
 
 
-@pytest.mark.xfail(
-    reason="BUG: Atlas.voxel_index casts NaN to int64 before masking → RuntimeWarning",
-    strict=True,
-)
 def test_region_ids_of_nan_points_do_not_warn(atlas25: Atlas) -> None:
     """Unmapped (NaN) points give region 0 without a RuntimeWarning about invalid casts."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = atlas25.region_ids(np.array([[np.nan, np.nan, np.nan], [6000.0, 4000.0, 5000.0]]))
     assert got[0] == 0
+    assert got[1] != 0
+
+
+def test_voxel_index_of_non_finite_and_huge_points(atlas25: Atlas) -> None:
+    """NaN, ±inf and absurdly large coordinates are outside, quietly; -1 marks non-finite."""
+    points = np.array(
+        [
+            [np.nan, 4000.0, 5000.0],
+            [6000.0, np.inf, 5000.0],
+            [6000.0, 4000.0, -np.inf],
+            [1e300, 4000.0, 5000.0],
+            [6000.0, -1e300, 5000.0],
+            [6000.0, 4000.0, 5000.0],
+        ]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        idx, inside = atlas25.voxel_index(points)
+        ids = atlas25.region_ids(points)
+    assert inside.tolist() == [False] * 5 + [True]
+    assert (idx[:3] == -1).all()
+    assert idx[5].tolist() == [240, 160, 200]
+    assert ids[:5].tolist() == [0] * 5 and ids[5] != 0
 
 
 def test_hemisphere(atlas25: Atlas) -> None:

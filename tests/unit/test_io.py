@@ -120,14 +120,44 @@ def test_read_manifest_missing_file(tmp_path: Path) -> None:
         read_manifest(tmp_path / "nope.csv")
 
 
-@pytest.mark.xfail(
-    reason="BUG: io.read_manifest turns an empty brain_id into the string 'nan'", strict=True
-)
 def test_read_manifest_empty_brain_id(tmp_path: Path) -> None:
     """An empty brain_id is an error naming the line, not a brain called 'nan'."""
     manifest = _write(tmp_path / "m.csv", f"{HEADER}\nA,a.zarr,0,1,100\n,b.zarr,0,1,100\n")
-    with pytest.raises(ValueError, match="line 3"):
+    with pytest.raises(ValueError, match="line 3") as err:
         read_manifest(manifest)
+    assert str(manifest) in str(err.value)
+    assert "brain_id" in str(err.value)
+    assert "nan" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("row", "column"),
+    [
+        ("B,,0,1,100", "path"),
+        ("B,  ,0,1,100", "path"),
+        ("  ,b.zarr,0,1,100", "brain_id"),
+        ("B,b.zarr,,1,100", "signal_channel"),
+        ("B,b.zarr,0,1,", "section_spacing_um"),
+    ],
+)
+def test_read_manifest_empty_required_value(tmp_path: Path, row: str, column: str) -> None:
+    """An empty required value is an error naming the file, the line and the column."""
+    manifest = _write(tmp_path / "m.csv", f"{HEADER}\nA,a.zarr,0,1,100\n{row}\n")
+    with pytest.raises(ValueError) as err:
+        read_manifest(manifest)
+    message = str(err.value)
+    assert str(manifest) in message
+    assert "line 3" in message
+    assert repr(column) in message
+
+
+def test_read_manifest_line_numbers_count_blank_lines(tmp_path: Path) -> None:
+    """Blank lines are skipped but still counted, so errors name the real file line."""
+    manifest = _write(tmp_path / "m.csv", f"{HEADER}\nA,a.zarr,0,1,100\n\n\nB,b.zarr,red,1,100\n")
+    with pytest.raises(ValueError, match=r"line 5 \(brain B\)"):
+        read_manifest(manifest)
+    _write(manifest, f"{HEADER}\n\nA,a.zarr,0,1,100\n\nB,b.zarr,1,0,100\n\n")
+    assert [s.brain_id for s in read_manifest(manifest)] == ["A", "B"]
 
 
 @pytest.mark.parametrize(
@@ -148,10 +178,17 @@ def test_parse_sections(text, expected) -> None:
     assert parse_sections(text) == expected
 
 
-@pytest.mark.parametrize("text", ["12-10", "a-b", "x"])
+@pytest.mark.parametrize("text", ["12-10", "a-b", "x", "1-", "2.5", "+3"])
 def test_parse_sections_errors(text: str) -> None:
-    """Backwards ranges and non-numbers raise ValueError."""
-    with pytest.raises(ValueError):
+    """Backwards ranges and non-numbers raise ValueError naming the part."""
+    with pytest.raises(ValueError, match=text.replace("+", r"\+")):
+        parse_sections(text)
+
+
+@pytest.mark.parametrize("text", ["-5", "1,-5", "3--1", "-2-4"])
+def test_parse_sections_rejects_negative_indices(text: str) -> None:
+    """Section indices are ≥ 0: a negative index is a clear error, not section -5."""
+    with pytest.raises(ValueError, match="≥ 0"):
         parse_sections(text)
 
 
@@ -359,10 +396,6 @@ def test_level_coordinates_locate_a_feature_across_levels(tmp_path: Path) -> Non
     assert from_level0(np.array([21.5, 9.5]), factor) == pytest.approx([5.0, 2.0])
 
 
-@pytest.mark.xfail(
-    reason="BUG: BrainImage.downsampling uses the width ratio, not the 2^level of the pyramid",
-    strict=True,
-)
 def test_downsampling_of_odd_sized_image(tmp_path: Path) -> None:
     """With an odd width the written levels are still exact 2× pyramids (metadata says so)."""
     vol = np.zeros((1, 1, 65, 97), dtype=np.uint16)
@@ -374,4 +407,41 @@ def test_downsampling_of_odd_sized_image(tmp_path: Path) -> None:
     level1 = brain.section(0, 0, level=1)
     assert level1[5, 45] == 1000
     assert to_level0(45.0, brain.downsampling(1)) == pytest.approx(90.5)
+    assert brain.downsampling(0) == 1.0
     assert brain.downsampling(1) == pytest.approx(2.0)
+
+
+def test_downsampling_falls_back_to_shape_without_pixel_sizes(zarr_path: Path) -> None:
+    """Without usable pixel sizes, downsampling is the level-0 / level width ratio."""
+    from dataclasses import replace
+
+    brain = open_brain(zarr_path)
+    unknown = replace(brain, pixel_size_um=[float("nan")] * 3)
+    assert [unknown.downsampling(level) for level in range(3)] == [1.0, 2.0, 4.0]
+    short = replace(brain, pixel_size_um=[0.5])
+    assert short.downsampling(2) == 4.0
+
+
+def test_lower_levels_round_integer_block_means(tmp_path: Path) -> None:
+    """Integer levels hold the rounded block mean of level 0 (not truncated), at every level."""
+    vol = np.zeros((1, 1, 8, 8), dtype=np.uint16)
+    vol[0, 0, :2, :2] = [[1, 2], [2, 2]]  # mean 1.75 → 2 (truncation gives 1)
+    vol[0, 0, :2, 2:4] = [[1, 1], [1, 2]]  # mean 1.25 → 1
+    vol[0, 0, 4:8, 4:8] = 3
+    vol[0, 0, 4, 4] = 0  # 4×4 mean 2.8125 → 3 at level 2; level 1 holds 2.25 → 2, 3, 3, 3
+    vol[0, 0, 6:8, 0:2] = 65535
+    path = tmp_path / "round.ome.zarr"
+    write_ome_zarr(path, vol, pixel_size_um=1.0, section_spacing_um=50.0, n_levels=3)
+    brain = open_brain(path)
+    level1 = brain.section(0, 0, level=1)
+    level2 = brain.section(0, 0, level=2)
+    expected1 = np.rint(vol[0, 0].astype(np.float64).reshape(4, 2, 4, 2).mean(axis=(1, 3)))
+    expected2 = np.rint(vol[0, 0].astype(np.float64).reshape(2, 4, 2, 4).mean(axis=(1, 3)))
+    assert level1.dtype == level2.dtype == np.uint16
+    assert np.array_equal(level1, expected1)
+    assert np.array_equal(level2, expected2)
+    assert level1[0, 0] == 2 and level1[0, 1] == 1 and level1[3, 0] == 65535
+    assert level2[1, 1] == 3  # from the exact means, not from the rounded level 1 (2.75 → 3)
+    floats = tmp_path / "float.ome.zarr"
+    write_ome_zarr(floats, vol.astype(np.float32), pixel_size_um=1.0, section_spacing_um=50.0)
+    assert open_brain(floats).section(0, 0, level=1)[0, 0] == pytest.approx(1.75)

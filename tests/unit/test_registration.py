@@ -24,6 +24,7 @@ LINEAR = np.array([[np.cos(THETA), -np.sin(THETA)], [np.sin(THETA), np.cos(THETA
 )
 CENTRE = np.array([W / 2, H / 2])
 SHIFT = np.array([3.0, -2.0])
+QC_KEYS = ("tissue_px", "mask_dice", "mask_dice_anchoring", "min_jacobian")
 
 
 def true_map(xy: np.ndarray) -> np.ndarray:
@@ -151,17 +152,24 @@ def test_identical_images_keep_anchoring(atlas_slice: np.ndarray) -> None:
     assert shift.max() < 0.5
 
 
-@pytest.mark.xfail(
-    reason="BUG: registration.refine adds mask_dice/min_jacobian to a dict that "
-    "Refinement.identity copied, so 'anchoring' results lack them",
-    strict=True,
-)
 def test_anchoring_result_has_documented_qc(atlas_slice: np.ndarray) -> None:
     """When the anchoring stands, qc still reports the tissue-mask Dice (≈ 1 here)."""
     result = refine(atlas_slice, atlas_slice)
     assert result.method == "anchoring"
+    assert set(QC_KEYS) <= set(result.qc)
+    assert {"similarity_anchoring", "similarity_affine"} <= set(result.qc)
     assert result.qc["mask_dice"] == pytest.approx(1.0)
+    assert result.qc["mask_dice_anchoring"] == pytest.approx(1.0)
     assert result.qc["min_jacobian"] == pytest.approx(1.0)
+    assert result.qc["tissue_px"] == float(tissue_mask(atlas_slice).sum())
+
+
+def test_refined_result_has_documented_qc(refinement: Refinement) -> None:
+    """A refined (affine or SyN) result carries the same QC keys as an anchoring one."""
+    assert refinement.method in ("affine", "syn")
+    assert set(QC_KEYS) <= set(refinement.qc)
+    assert refinement.qc["min_jacobian"] > 0
+    assert 0 <= refinement.qc["mask_dice_anchoring"] < refinement.qc["mask_dice"] <= 1
 
 
 def test_empty_section_gives_identity(atlas_slice: np.ndarray) -> None:
@@ -171,6 +179,9 @@ def test_empty_section_gives_identity(atlas_slice: np.ndarray) -> None:
     yy, xx = np.mgrid[0:H, 0:W]
     assert np.array_equal(result.section_to_atlas, np.stack([xx, yy]).astype(np.float32))
     assert result.qc["tissue_px"] == 0.0
+    assert set(QC_KEYS) <= set(result.qc)
+    assert result.qc["mask_dice"] == result.qc["mask_dice_anchoring"] == 0.0
+    assert result.qc["min_jacobian"] == 1.0
 
 
 def test_refine_rejects_bad_arguments(atlas_slice: np.ndarray) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -204,7 +205,7 @@ def test_evaluate_mapping_truth_against_itself(truth: pd.DataFrame) -> None:
     assert shifted["p95_um"] == pytest.approx(50.0)
 
 
-@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("error")
 def test_evaluate_mapping_wrong_section_matches_nothing(truth: pd.DataFrame) -> None:
     """Detections assigned to a section without planted cells (the missing one) match nothing."""
     xy = truth[["x_px", "y_px"]].to_numpy()
@@ -212,14 +213,9 @@ def test_evaluate_mapping_wrong_section_matches_nothing(truth: pd.DataFrame) -> 
         xy, np.full(len(xy), 4), truth[CCF_COLUMNS].to_numpy(), truth, max_px=1.0
     )
     assert result["recall"] == 0.0 and result["precision"] == 0.0
-    assert np.isnan(result["median_um"])
+    assert np.isnan(result["median_um"]) and np.isnan(result["p95_um"])
 
 
-@pytest.mark.xfail(
-    reason="BUG: evaluate_mapping counts matched detections, not matched planted cells, "
-    "so duplicate detections push recall above 1",
-    strict=True,
-)
 def test_evaluate_mapping_duplicate_detections_do_not_inflate_recall(truth: pd.DataFrame) -> None:
     """Every planted cell detected twice (0.2 px apart): recall is still 1, not 2."""
     xy = truth[["x_px", "y_px"]].to_numpy()
@@ -232,4 +228,62 @@ def test_evaluate_mapping_duplicate_detections_do_not_inflate_recall(truth: pd.D
         truth,
         max_px=1.0,
     )
-    assert result["recall"] <= 1.0
+    assert result["recall"] == 1.0
+    assert result["precision"] == 0.5
+    assert result["n_detected"] == 2 * len(truth)
+    assert result["median_um"] == 0.0
+
+
+def _cells(section: int, xy: list[tuple[float, float]]) -> pd.DataFrame:
+    xy_arr = np.asarray(xy, dtype=np.float64)
+    return pd.DataFrame(
+        {
+            "section": section,
+            "x_px": xy_arr[:, 0],
+            "y_px": xy_arr[:, 1],
+            "ap_um": 1000.0 * section,
+            "dv_um": xy_arr[:, 1],
+            "ml_um": xy_arr[:, 0],
+        }
+    )
+
+
+def test_evaluate_mapping_is_one_to_one_and_maximal() -> None:
+    """Each cell is matched at most once; the assignment matches as many pairs as possible.
+
+    Section 0: truth a=(0,0), b=(1.5,0); detections p=(0.7,0) (0.7 from a, 0.8 from b) and
+    q=(-0.9,0) (0.9 from a, the only one in reach). Nearest-first greedy matching takes p–a and
+    leaves q and b unmatched; the maximal matching is q–a and p–b. Section 1: one cell detected
+    twice and a detection far from any cell. Recall 3/3, precision 3/5.
+    """
+    truth = pd.concat([_cells(0, [(0.0, 0.0), (1.5, 0.0)]), _cells(1, [(10.0, 10.0)])])
+    det_xy = np.array([[0.7, 0.0], [-0.9, 0.0], [10.0, 10.0], [10.5, 10.0], [50.0, 50.0]])
+    det_section = np.array([0, 0, 1, 1, 1])
+    det_ccf = np.column_stack([1000.0 * det_section, det_xy[:, 1], det_xy[:, 0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = evaluate_mapping(det_xy, det_section, det_ccf, truth, max_px=1.0)
+    assert result["n_true"] == 3 and result["n_detected"] == 5
+    assert result["recall"] == 1.0
+    assert result["precision"] == pytest.approx(3 / 5)
+    # matched pairs: q–a 0.9, p–b 0.8, (10,10)–(10,10) 0 (not the 0.5 px duplicate)
+    assert result["median_um"] == pytest.approx(0.8)
+
+
+def test_evaluate_mapping_with_nothing_detected(truth: pd.DataFrame) -> None:
+    """No detections: recall 0, precision and errors NaN, without warnings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = evaluate_mapping(
+            np.empty((0, 2)), np.empty(0, int), np.empty((0, 3)), truth, max_px=1.0
+        )
+    assert result["recall"] == 0.0 and result["n_detected"] == 0.0
+    assert np.isnan(result["precision"]) and np.isnan(result["median_um"])
+    assert np.isnan(result["p95_um"])
+
+
+def test_make_world_refuses_a_different_config(world: PhantomWorld) -> None:
+    """An existing world given a different config raises instead of returning the old world."""
+    with pytest.raises(ValueError, match=r"different config.*seed"):
+        make_world(world.root, WorldConfig.tiny(seed=5))
+    assert make_world(world.root).config == WorldConfig.tiny()  # None: reuse what is there
