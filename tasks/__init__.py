@@ -4,9 +4,9 @@ Run with the ``cellmap2d`` command, or ``python -m luigi --module tasks Pipeline
 """
 
 from ._config import cellmap2d
-from .brain import AnchorSeries, BrainCells, BrainQC
+from .brain import AnchorSeries, BrainCells, BrainQC, SectionQC, SectionsTable
 from .celltypes import AtlasCellTypes, PrepareAtlas, TypeDensities
-from .cohort import ChallengeTable, CohortIdentity, Identity, Pipeline
+from .cohort import BrainReport, ChallengeTable, CohortIdentity, Identity, Pipeline
 from .sections import DetectCells, ReadSection, RefineSection, SectionThumbnail
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "AtlasCellTypes",
     "BrainCells",
     "BrainQC",
+    "BrainReport",
     "ChallengeTable",
     "CohortIdentity",
     "DetectCells",
@@ -22,6 +23,8 @@ __all__ = [
     "PrepareAtlas",
     "ReadSection",
     "RefineSection",
+    "SectionQC",
+    "SectionsTable",
     "SectionThumbnail",
     "TypeDensities",
     "cellmap2d",

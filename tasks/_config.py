@@ -32,6 +32,9 @@ class cellmap2d(luigi.Config):  # noqa: N801  (the section name in luigi.cfg)
     quint_dir = luigi.Parameter(default="", description="folder of <brain_id>.json (quint)")
     syn = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
     bootstrap = luigi.IntParameter(default=100)
+    identity_region = luigi.Parameter(
+        default="", description="compare only inside this region and its descendants, e.g. VISp"
+    )
 
 
 def settings() -> cellmap2d:

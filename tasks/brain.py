@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import anndata as ad
 import luigi
@@ -48,8 +49,17 @@ class AnchorSeries(StoreTask):
         with self.output().temporary_path() as tmp:
             write_quint(tmp, series, metadata=series.metadata)
 
+    def source_paths(self) -> list[str]:
+        paths = super().source_paths()
+        if settings().anchoring == "quint":
+            paths.append(self._quint_path())
+        return [p for p in paths if os.path.isfile(p)]
+
+    def _quint_path(self) -> str:
+        return os.path.join(settings().quint_dir, f"{self.brain_id}.json")
+
     def _user_anchoring(self):
-        path = f"{settings().quint_dir}/{self.brain_id}.json"
+        path = self._quint_path()
         series = read_quint(path)
         have = {a.nr for a in series}
         missing = sorted(set(brain_sections(self.brain_id)) - have)
@@ -93,6 +103,7 @@ class BrainCells(StoreTask):
     """The brain's AnnData: every detected cell in CCF µm with its atlas region."""
 
     brain_id = luigi.Parameter()
+    depends_on_anchoring = True
     relative_path = "brains/{brain_id}/cells.h5ad"
 
     def requires(self) -> dict[str, object]:
@@ -152,6 +163,7 @@ class BrainQC(StoreTask):
     """Overview figure: every section with the warped atlas boundaries and the mapped cells."""
 
     brain_id = luigi.Parameter()
+    depends_on_anchoring = True
     relative_path = "brains/{brain_id}/qc/overview.png"
 
     def requires(self) -> dict[str, object]:
@@ -192,3 +204,114 @@ class BrainQC(StoreTask):
         figure = series_overview(views, title=f"brain {self.brain_id}")
         with self.output().temporary_path() as tmp:
             figure.savefig(tmp, format="png", dpi=80)
+
+
+def _section_views(
+    brain_id: str,
+    z: int,
+    thumbnail: str,
+    refined: str,
+    anchoring: str,
+    cells_csv: str,
+    atlas_path: str,
+):
+    """Signal with detected cells, autofluorescence with the warped atlas boundaries."""
+    import pandas as pd
+
+    from cellmap2d.assemble import section_grid_ccf
+    from cellmap2d.io import from_level0
+    from cellmap2d.plots import SectionView
+
+    thumb = load_thumbnail(thumbnail)
+    factor = float(thumb["factor"])
+    anchor = next(a for a in read_quint(anchoring) if a.nr == z)
+    grid = section_grid_ccf(
+        anchor,
+        thumb["autofluorescence"].shape,
+        factor,
+        tuple(int(v) for v in thumb["level0_shape"]),
+    )
+    labels = Refinement.load(refined).warp_labels(
+        cached_atlas(atlas_path).plane_image(grid, kind="annotation")
+    )
+    cells = pd.read_csv(cells_csv)
+    xy = from_level0(cells[["x_px", "y_px"]].to_numpy(), factor)
+    flag = section_flags(anchoring).get(z) or ""
+    return [
+        SectionView(z, thumb["signal"], None, xy, f"s{z}: {len(cells)} cells detected"),
+        SectionView(z, thumb["autofluorescence"], labels, None, f"s{z}: atlas {flag}".strip()),
+    ]
+
+
+class SectionQC(StoreTask):
+    """One section: detected cells on the signal, warped atlas boundaries on the tissue."""
+
+    brain_id = luigi.Parameter()
+    section = luigi.IntParameter()
+    depends_on_anchoring = True
+    relative_path = "brains/{brain_id}/qc/s{section:04d}.png"
+
+    def requires(self) -> dict[str, luigi.Task]:
+        kw = {"brain_id": self.brain_id, "section": self.section}
+        return {
+            "thumbnail": SectionThumbnail(**kw),
+            "refined": RefineSection(**kw),
+            "cells": DetectCells(**kw),
+            "anchoring": AnchorSeries(brain_id=self.brain_id),
+            "atlas": PrepareAtlas(),
+        }
+
+    def run(self) -> None:
+        from cellmap2d.plots import series_overview
+
+        i = self.input()
+        views = _section_views(
+            self.brain_id,
+            self.section,
+            i["thumbnail"].path,
+            i["refined"].path,
+            i["anchoring"].path,
+            i["cells"].path,
+            i["atlas"].path,
+        )
+        figure = series_overview(views, columns=2, title=f"brain {self.brain_id}")
+        with self.output().temporary_path() as tmp:
+            figure.savefig(tmp, format="png", dpi=90)
+
+
+class SectionsTable(StoreTask):
+    """Per-section QC of a brain: anchoring flag and match, refinement, cell count."""
+
+    brain_id = luigi.Parameter()
+    depends_on_anchoring = True
+    relative_path = "brains/{brain_id}/qc/sections.csv"
+
+    def requires(self) -> dict[str, object]:
+        kw = {"brain_id": self.brain_id}
+        sections = brain_sections(self.brain_id)
+        return {
+            "anchoring": AnchorSeries(**kw),
+            "refined": {z: RefineSection(section=z, **kw) for z in sections},
+            "cells": {z: DetectCells(section=z, **kw) for z in sections},
+        }
+
+    def run(self) -> None:
+        import pandas as pd
+
+        i = self.input()
+        with open(i["anchoring"].path) as fh:
+            anchoring = pd.DataFrame(json.load(fh).get("cellmap2d", {}).get("sections", {}))
+        rows = []
+        for z, target in i["refined"].items():
+            refinement = Refinement.load(target.path)
+            n_cells = len(pd.read_csv(i["cells"][z].path, usecols=["section"]))
+            rows.append(
+                {"section": z, "n_cells": n_cells, "refinement": refinement.method, **refinement.qc}
+            )
+        table = pd.DataFrame(rows)
+        if len(anchoring):
+            table = anchoring.rename(columns={"ncc": "anchoring_ncc"}).merge(
+                table, on="section", how="right"
+            )
+        with self.output().temporary_path() as tmp:
+            table.to_csv(tmp, index=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anndata as ad
 import luigi
+import numpy as np
 import pandas as pd
 
 from cellmap2d.anchoring import read_quint
@@ -11,8 +12,8 @@ from cellmap2d.density import DensityFile
 from cellmap2d.identity import brain_identity, challenge_table
 
 from ._base import StoreTask
-from ._config import brain_spec, cached_atlas, manifest, settings
-from .brain import AnchorSeries, BrainCells, BrainQC, section_flags
+from ._config import brain_sections, brain_spec, cached_atlas, manifest, settings, store
+from .brain import AnchorSeries, BrainCells, BrainQC, SectionQC, SectionsTable, section_flags
 from .celltypes import PrepareAtlas, TypeDensities
 
 
@@ -27,6 +28,7 @@ class Identity(StoreTask):
     """Which atlas types the brain's labeled cells look like: one row per type."""
 
     brain_id = luigi.Parameter()
+    depends_on_anchoring = True
     relative_path = "brains/{brain_id}/identity.csv"
 
     def requires(self) -> dict[str, luigi.Task]:
@@ -46,6 +48,12 @@ class Identity(StoreTask):
                 centre = a.to_ccf(a.width / 2, a.height / 2, width=a.width, height=a.height)[0]
                 planes.append((centre, a.normal()))
         the_atlas = cached_atlas(self.input()["atlas"].path)
+        region = settings().identity_region.strip()
+        region_mask = (
+            np.isin(the_atlas.annotation, the_atlas.ontology.descendants(region))
+            if region
+            else None
+        )
         with DensityFile(self.input()["densities"].path) as densities:
             table = brain_identity(
                 cells.obsm["ccf"],
@@ -56,6 +64,7 @@ class Identity(StoreTask):
                 section_spacing_um=brain_spec(self.brain_id).section_spacing_um,
                 n_boot=settings().bootstrap,
                 progress=self.progress,
+                region_mask=region_mask,
             )
         with self.output().temporary_path() as tmp:
             table.to_csv(tmp, index=False)
@@ -67,8 +76,11 @@ class _CohortTable(StoreTask):
     def brain_ids(self) -> list[str]:
         return sorted(manifest())
 
+    def anchoring_paths(self) -> list[str]:
+        return [str(store() / "brains" / b / "anchoring.json") for b in self.brain_ids()]
+
     def complete(self) -> bool:
-        if not self.output().exists():
+        if not super().complete():
             return False
         done = pd.read_csv(self.output().path, usecols=["brain_id"], dtype=str)["brain_id"]
         return sorted(done.unique()) == self.brain_ids()
@@ -104,8 +116,22 @@ class ChallengeTable(_CohortTable):
             challenge_table(long).to_csv(tmp, index=False)
 
 
-class Pipeline(luigi.WrapperTask):
-    """Everything for every brain of the manifest."""
+class BrainReport(luigi.WrapperTask):
+    """Everything for one brain: identity and the QC figures and table."""
+
+    brain_id = luigi.Parameter()
 
     def requires(self) -> list[luigi.Task]:
-        return [ChallengeTable(), *(BrainQC(brain_id=b) for b in sorted(manifest()))]
+        kw = {"brain_id": self.brain_id}
+        sections = [SectionQC(section=z, **kw) for z in brain_sections(self.brain_id)]
+        return [Identity(**kw), BrainQC(**kw), SectionsTable(**kw), *sections]
+
+
+class Pipeline(luigi.WrapperTask):
+    """Everything for every brain of the manifest, and the cohort tables.
+
+    A brain that cannot even be opened fails its own tasks only; the others run to the end.
+    """
+
+    def requires(self) -> list[luigi.Task]:
+        return [ChallengeTable(), *(BrainReport(brain_id=b) for b in sorted(manifest()))]

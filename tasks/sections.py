@@ -13,7 +13,7 @@ from cellmap2d.anchoring import read_quint
 from cellmap2d.assemble import section_grid_ccf
 from cellmap2d.io import inspect_section, section_thumbnail, to_level0
 from cellmap2d.registration import Refinement, refine, tissue_mask
-from cellmap2d.segmentation import detect_cells
+from cellmap2d.segmentation import Plane, detect_cells_tiled
 
 from ._base import StoreTask
 from ._config import brain_image, brain_spec, cached_atlas, settings
@@ -52,13 +52,19 @@ class DetectCells(StoreTask):
         brain = brain_image(self.brain_id)
         level = spec.level or 0
         self.progress(f"detecting at level {level}")
-        cells = detect_cells(
-            brain.section(self.section, spec.signal_channel, level=level),
-            pixel_size_um=brain.pixel_size_um[level],
-            cell_diameter_um=cfg.cell_diameter_um,
-            method=cfg.detection_method,
-            threshold=cfg.detection_threshold,
-        )
+        try:
+            brain._check(self.section, spec.signal_channel, level)
+            # a lazy 2-D view: windows are read as arr[channel, z, y0:y1, x0:x1]
+            plane = Plane(brain.arrays[level], (spec.signal_channel, self.section))
+            cells = detect_cells_tiled(
+                plane,
+                pixel_size_um=brain.pixel_size_um[level],
+                cell_diameter_um=cfg.cell_diameter_um,
+                method=cfg.detection_method,
+                threshold=cfg.detection_threshold,
+            )
+        except (ValueError, TypeError, IndexError) as err:
+            raise RuntimeError(f"brain {self.brain_id} section {self.section}: {err}") from err
         factor = brain.downsampling(level)
         cells.insert(0, "section", self.section)
         cells["x_px"] = to_level0(cells.pop("x"), factor)
@@ -106,6 +112,7 @@ class RefineSection(StoreTask):
 
     brain_id = luigi.Parameter()
     section = luigi.IntParameter()
+    depends_on_anchoring = True
     relative_path = "brains/{brain_id}/transforms/s{section:04d}.npz"
 
     def requires(self) -> dict[str, luigi.Task]:

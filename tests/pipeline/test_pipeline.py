@@ -65,7 +65,7 @@ def test_planted_type_ranks_first(world, store: Path) -> None:
         top = rows.sort_values("planted_fraction").iloc[-1]["type"]
         assert table.loc[table["rank"] == 1, "type"].item() == top
         assert table["fraction"].sum() == pytest.approx(1.0)
-        assert (table["fraction_low"] <= table["fraction"] + 1e-12).all()
+        assert (table["fraction_low"] <= table["fraction_high"] + 1e-12).all()
 
 
 def test_cells_h5ad_schema_and_accuracy(world, store: Path) -> None:
@@ -148,6 +148,32 @@ def test_rerun_does_nothing(store: Path) -> None:
     assert result.status == LuigiStatusCode.SUCCESS
     assert "Did not run any tasks" in result.summary_text
     assert {p: p.stat().st_mtime_ns for p in outputs} == before
+
+
+def test_hand_corrected_anchoring_reruns_only_downstream(world, store: Path) -> None:
+    """Editing anchoring.json (as in QuickNII/VisuAlign) recomputes what depends on it only."""
+    from cellmap2d.anchoring import write_quint
+    from tasks import Pipeline
+
+    brain = world.config.brains[0].brain_id
+    folder = store / "brains" / brain
+    path = folder / "anchoring.json"
+    series = read_quint(path)
+    series[2].anchoring = series[2].anchoring + np.r_[0.0, 4.0, 0.0, np.zeros(6)]  # 100 µm AP
+    write_quint(path, series, metadata=series.metadata)
+    upstream = [*folder.glob("cells/*.csv"), *folder.glob("thumbnails/*.npz")]
+    downstream = [
+        *folder.glob("transforms/*.npz"),
+        folder / "cells.h5ad",
+        folder / "identity.csv",
+        store / "cohort" / "mapmysections.csv",
+    ]
+    before = {p: p.stat().st_mtime_ns for p in upstream + downstream}
+    result = _build([Pipeline()])
+    assert result.status == LuigiStatusCode.SUCCESS, result.summary_text
+    assert all(p.stat().st_mtime_ns == before[p] for p in upstream)
+    assert all(p.stat().st_mtime_ns > before[p] for p in downstream)
+    assert read_quint(path)[2] == series[2]  # the correction is kept, not overwritten
 
 
 def test_bad_brain_fails_the_run_but_not_the_others(world, store: Path, tmp_path: Path) -> None:
