@@ -449,12 +449,16 @@ class WorldConfig:
     brains: list[PhantomBrain] = field(default_factory=list)
 
     @classmethod
-    def demo(cls, seed: int = 0) -> WorldConfig:
-        """Three brains: two single planted types and one mixture, cut at different angles."""
+    def demo(cls, seed: int = 0, *, max_angle_deg: float = 3.0) -> WorldConfig:
+        """Three brains: two single planted types and one mixture, cut at different angles.
+
+        Each brain misses one section and has one damaged (torn) section.
+        """
         rng = np.random.default_rng(seed + 100)
 
         def angles() -> tuple[float, float]:
-            return tuple(float(a) for a in rng.uniform(-3, 3, 2))  # type: ignore[return-value]
+            pair = rng.uniform(-max_angle_deg, max_angle_deg, 2)
+            return tuple(float(a) for a in pair)  # type: ignore[return-value]
 
         return cls(
             seed=seed,
@@ -474,12 +478,14 @@ class WorldConfig:
                     reverse=True,
                     first_ap_um=1500.0,
                     missing=(3,),
+                    damaged=(10,),
                     seed=seed + 2,
                 ),
                 PhantomBrain(
                     "demo-3",
                     {"L2/3 IT CTX Glut": 0.7, "Sst Gaba": 0.3},
                     angles_deg=angles(),
+                    missing=(14,),
                     damaged=(5,),
                     seed=seed + 3,
                 ),
