@@ -56,7 +56,39 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--scheduler-url", help="central scheduler, e.g. http://localhost:8082/")
     where.add_argument("--local-scheduler", action="store_true", help="embedded scheduler")
     run.add_argument("--log-level", default="INFO")
+
+    train = sub.add_parser("train-detector", help="train the 'trained' cell detector")
+    train.add_argument("--images", nargs="+", required=True, help="2-D images (TIFF/PNG)")
+    train.add_argument("--masks", nargs="+", required=True, help="masks, same order")
+    train.add_argument("--out", required=True, help="model file (.joblib)")
+    train.add_argument("--pixel-size-um", type=float, required=True)
+    train.add_argument("--cell-diameter-um", type=float, required=True)
+    train.add_argument(
+        "--channels", help="RGB channels to sum, e.g. 0 or 0,1 (default: all)", default=None
+    )
     return parser
+
+
+def _train_detector(args: argparse.Namespace) -> int:
+    from cellmap2d._detectors import read_annotated, train_detector
+
+    if len(args.images) != len(args.masks):
+        raise ValueError("--images and --masks need the same number of files")
+    channels = [int(c) for c in args.channels.split(",")] if args.channels else None
+    pairs = [
+        read_annotated(i, m, channels=channels)
+        for i, m in zip(args.images, args.masks, strict=True)
+    ]
+    model = train_detector(
+        [p[0] for p in pairs],
+        [p[1] for p in pairs],
+        pixel_size_um=args.pixel_size_um,
+        cell_diameter_um=args.cell_diameter_um,
+    )
+    model.save(args.out)
+    info = model.info
+    print(f"{args.out}: {info['n_candidates']} candidates, {info['n_positive']} cells")
+    return 0
 
 
 def _configure(values: dict[str, object]) -> None:
@@ -210,6 +242,8 @@ def _report_demo(world, store: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "train-detector":
+            return _train_detector(args)
         return _demo(args) if args.command == "demo" else _run(args)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         print(f"cellmap2d: error: {exc}", file=sys.stderr)

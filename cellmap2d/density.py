@@ -37,6 +37,7 @@ CCF_EXTENT_UM: tuple[float, float, float] = (13200.0, 8000.0, 11400.0)
 MIDLINE_UM: float = 5700.0
 _FORMAT = "cellmap2d-densities"
 _FORMAT_VERSION = 1
+_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter default
 
 
 @dataclass(frozen=True)
@@ -294,13 +295,37 @@ def type_densities(
         if hi == lo:
             continue
         w = None if weights_sorted is None else weights_sorted[lo:hi]
-        hist = np.bincount(flat_sorted[lo:hi], weights=w, minlength=grid.size)
-        vol = smooth(hist.astype(np.float64).reshape(grid.shape), grid, sigma_um)
-        if fold_hemispheres:
-            vol = fold_volume(vol, grid)
+        vol = _smoothed_type(flat_sorted[lo:hi], w, grid, sigma_um, fold_hemispheres)
         done += 1
         say(f"{level} {done}/{n_types}: {name} ({hi - lo} cells)")
-        yield name, vol.astype(np.float32)
+        yield name, vol
+
+
+def _smoothed_type(
+    flat: np.ndarray, weights: np.ndarray | None, grid: Grid, sigma_um: float, fold: bool
+) -> np.ndarray:
+    """Histogram + Gaussian of one type, computed on the cells' bounding box grown by the kernel
+    radius (exact: the truncated kernel is zero beyond it), float32 of ``grid.shape``."""
+    idx = np.stack(np.unravel_index(flat, grid.shape), axis=1)
+    radius = int(_TRUNCATE * sigma_um / grid.voxel_um + 0.5) + 1 if sigma_um > 0 else 0
+    lo = np.maximum(idx.min(axis=0) - radius, 0)
+    hi = np.minimum(idx.max(axis=0) + radius + 1, grid.shape)
+    if fold:  # the midline reflection needs the full ML axis
+        lo[2], hi[2] = 0, grid.shape[2]
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    shape = tuple(int(b - a) for a, b in zip(lo, hi, strict=True))
+    local = np.ravel_multi_index(tuple((idx - lo).T), shape)
+    hist = np.bincount(local, weights=weights, minlength=int(np.prod(shape)))
+    hist = hist.astype(np.float32).reshape(shape)
+    if sigma_um > 0:
+        hist = ndimage.gaussian_filter(
+            hist, sigma=sigma_um / grid.voxel_um, mode="reflect", truncate=_TRUNCATE
+        )
+    if fold:
+        _fold_ml(hist, grid)
+    out = np.zeros(grid.shape, dtype=np.float32)
+    out[box] = hist
+    return out
 
 
 def _cell_weights(cells: Any, dataset_weights: Mapping[str, float] | None) -> np.ndarray | None:
@@ -376,12 +401,17 @@ def write_densities(
             data = volume.astype(np.float32, copy=False)
             dset = group.create_dataset(
                 str(len(names)),
-                data=data,
+                shape=grid.shape,
+                dtype=np.float32,
                 chunks=chunks,
                 compression="gzip",
-                compression_opts=4,
+                compression_opts=1,
                 shuffle=True,
+                fillvalue=0.0,
             )
+            box = _bbox(data != 0)
+            if box is not None:  # chunks never written read as the fill value 0
+                dset[box] = data[box]
             dset.attrs["name"] = name
             dset.attrs["count"] = float(data.sum(dtype=np.float64))
             names.append(name)

@@ -11,9 +11,12 @@ import pytest
 from cellmap2d.density import DensityFile, Grid, histogram, smooth, type_densities, write_densities
 from cellmap2d.identity import (
     CHALLENGE_COLUMNS,
+    brain_identity,
     challenge_column,
     challenge_scores,
     challenge_table,
+    em_mixture,
+    score_fractions,
     score_types,
 )
 
@@ -42,7 +45,14 @@ FULL_MASK = np.ones(GRID.shape, dtype=bool)
 
 def test_sample_of_one_type_ranks_it_first_under_every_score(type_maps) -> None:
     sample = _draw(np.random.default_rng(5), "A", 800)  # independent of the reference cells
-    for rank_by in ("fraction", "reference_score", "pearson", "js_distance", "log_likelihood"):
+    for rank_by in (
+        "fraction",
+        "fraction_nnls",
+        "reference_score",
+        "pearson",
+        "js_distance",
+        "log_likelihood",
+    ):
         table = score_types(
             sample, type_maps, FULL_MASK, grid=GRID, sigma_um=SIGMA, n_boot=0, rank_by=rank_by
         )
@@ -62,6 +72,8 @@ def test_sample_of_one_type_ranks_it_first_under_every_score(type_maps) -> None:
         "fraction",
         "fraction_low",
         "fraction_high",
+        "fraction_em",
+        "fraction_nnls",
         "reference_score",
         "pearson",
         "js_distance",
@@ -107,8 +119,12 @@ def test_reference_score_and_other_scores_on_a_hand_computed_case() -> None:
     assert row["log_likelihood"] == pytest.approx((3 * math.log(0.5) + math.log(floor)) / 4)
     assert row["n_cells"] == 2.0
     # NNLS: a·t + b·u ≈ s → a = 0.75, b = 0 → fractions 1, 0
-    assert row["fraction"] == pytest.approx(1.0)
-    assert table.set_index("type").loc["u", "fraction"] == pytest.approx(0.0)
+    assert row["fraction_nnls"] == pytest.approx(1.0)
+    assert table.set_index("type").loc["u", "fraction_nnls"] == pytest.approx(0.0)
+    # EM: the 3 cells at voxel 0 have likelihood .5 under t and the floor under u; the cell at
+    # voxel 2 has the floor under both → the likelihood grows with f_t → f_t = 1
+    assert row["fraction"] == pytest.approx(1.0, abs=1e-5)
+    assert row["fraction_em"] == row["fraction"]
     assert table["fraction_low"].isna().all()  # n_boot = 0: no interval
     # u: no overlap with s at the high voxels: MSE = (0 − 1)², penalty = 1 (s[3] = 0)
     assert table.set_index("type").loc["u", "reference_score"] == pytest.approx(0.5)
@@ -304,3 +320,104 @@ def test_challenge_scores_real_truth_against_uniform(training_truth: pd.DataFram
     assert not bool(scores["hit"])
     assert not bool(scores["top1"])  # uniform → first column ABC.NN, truth 0 there
     assert np.isnan(scores["r2"])  # a constant prediction has no correlation
+
+
+# ------------------------------------------------------------------------------ EM, fractions
+
+
+def test_em_mixture_matches_the_closed_form_two_type_optimum() -> None:
+    # 2 types, 2 voxels: L = [[.8, .2], [.2, .8]], 3 cells at voxel 0, 1 at voxel 1.
+    # d/df of 3·log(.2 + .6 f) + log(.8 − .6 f) = 0 → 3(.8 − .6f) = .2 + .6f → f = 2.2 / 2.4
+    L = np.array([[0.8, 0.2], [0.2, 0.8]])
+    f = em_mixture(L, np.array([3.0, 1.0]))
+    assert f == pytest.approx([2.2 / 2.4, 0.2 / 2.4], abs=1e-6)
+    # the same with explicit cells instead of weights, and from another start
+    f2 = em_mixture(np.repeat(L, [3, 1], axis=1), start=np.array([0.1, 0.9]))
+    assert f2 == pytest.approx(f, abs=1e-6)
+    # a component that explains nothing better gets ~0
+    L3 = np.vstack([L, [0.5, 0.5]])
+    assert em_mixture(L3, np.array([1.0, 0.0]))[0] == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="> 0"):
+        em_mixture(np.array([[0.0, 1.0]]))
+
+
+def test_score_fractions_as_an_entrant_would() -> None:
+    table = pd.DataFrame(
+        {
+            "type": ["a", "b", "c"],
+            "fraction_em": [0.5, 0.3, 0.2],
+            "reference_score": [3.0, 1.0, np.nan],
+            "pearson": [0.6, 0.2, -0.4],
+            "js_distance": [0.2, 0.6, 1.0],
+            "log_likelihood": [-1.0, -1.0 - math.log(3.0) / 10, -50.0],
+        }
+    )
+    assert list(score_fractions(table, "fraction_em")) == pytest.approx([0.5, 0.3, 0.2])
+    assert list(score_fractions(table, "reference_score")) == pytest.approx([0.75, 0.25, 0.0])
+    assert list(score_fractions(table, "pearson")) == pytest.approx([0.75, 0.25, 0.0])
+    assert list(score_fractions(table, "js_distance")) == pytest.approx([2 / 3, 1 / 3, 0.0])
+    # 10 cells: posterior ∝ exp(10 · ll) → a : b = 3 : 1
+    post = score_fractions(table, "log_likelihood", n_cells=10)
+    assert list(post) == pytest.approx([0.75, 0.25, 0.0], abs=1e-12)
+
+
+def test_brain_identity_region_mask_restricts_the_comparison(tmp_path: Path) -> None:
+    """Cells of A and B, but the region holds only A's half of the box: A gets everything."""
+    grid = GRID
+    with_b = {n: type_maps_volume for n, type_maps_volume in _maps().items()}
+    path = tmp_path / "d.h5"
+    write_densities(path, with_b.items(), grid=grid, level="subclass", sigma_um=SIGMA)
+    rng = np.random.default_rng(2)
+    cells = np.vstack([_draw(rng, "A", 600), _draw(rng, "B", 600)])
+    brain = np.ones((40, 40, 40), dtype=bool)  # 50 µm voxels over the 2 mm box
+    region = np.zeros_like(brain)
+    region[:, :, :20] = True  # ML < 1000 µm: A's side (A at ML 800, B at ML 1200)
+    planes = [(np.array([ap, 0.0, 0.0]), np.array([1.0, 0.0, 0.0])) for ap in range(50, 2000, 100)]
+    with DensityFile(path) as densities:
+        whole = brain_identity(
+            cells,
+            planes,
+            densities,
+            brain_mask=brain,
+            brain_mask_voxel_um=50.0,
+            section_spacing_um=100.0,
+            n_boot=0,
+        ).set_index("type")
+        left = brain_identity(
+            cells,
+            planes,
+            densities,
+            brain_mask=brain,
+            brain_mask_voxel_um=50.0,
+            section_spacing_um=100.0,
+            n_boot=0,
+            region_mask=region,
+        )
+    assert whole.attrs["n_mask_voxels"] == 20 * 20 * 20
+    assert left.attrs["n_mask_voxels"] == 20 * 20 * 10
+    # all 1200 cells lie in the whole mask; in the region only those with ML < 1000
+    assert whole.attrs["n_sample_cells_in_mask"] == 1200
+    assert left.attrs["n_sample_cells_in_mask"] == int((cells[:, 2] < 1000).sum())
+    assert whole.loc["A", "fraction"] == pytest.approx(0.5, abs=0.06)
+    by = left.set_index("type")
+    # inside the region A's share of the cells is ≈ P(A, ML<1000) / (that + P(B, ML<1000))
+    from scipy.stats import norm
+
+    pa, pb = norm.cdf((1000 - 800) / 220), norm.cdf((1000 - 1200) / 220)
+    assert by.loc["A", "fraction"] == pytest.approx(pa / (pa + pb), abs=0.08)
+    with pytest.raises(ValueError, match="region_mask shape"), DensityFile(path) as densities:
+        brain_identity(
+            cells,
+            planes,
+            densities,
+            brain_mask=brain,
+            brain_mask_voxel_um=50.0,
+            section_spacing_um=100.0,
+            n_boot=0,
+            region_mask=region[:10],
+        )
+
+
+def _maps() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(11)
+    return {n: smooth(histogram(_draw(rng, n, 30_000), GRID), GRID, SIGMA) for n in CENTRES}
