@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,7 +297,10 @@ def write_ome_zarr(
     """Write ``(c, z, y, x)`` as an NGFF 0.4 multiscale image with 2× in-plane levels."""
     import zarr
     from ome_zarr.format import FormatV04
-    from ome_zarr.writer import write_multiscale
+
+    with warnings.catch_warnings():  # ome-zarr warns about its own Scaler when imported
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from ome_zarr.writer import write_multiscales_metadata
     from skimage.transform import downscale_local_mean
 
     pyramid = [volume]
@@ -327,14 +331,10 @@ def write_ome_zarr(
         {"name": "y", "type": "space", "unit": "micrometer"},
         {"name": "x", "type": "space", "unit": "micrometer"},
     ]
-    write_multiscale(
-        pyramid,
-        group,
-        fmt=FormatV04(),
-        axes=axes,
-        coordinate_transformations=transforms,
-        storage_options={"chunks": (1, 1, chunk, chunk)},
-    )
+    for i, level in enumerate(pyramid):
+        group.create_array(str(i), data=level, chunks=(1, 1, chunk, chunk))
+    datasets = [{"path": str(i), "coordinateTransformations": t} for i, t in enumerate(transforms)]
+    write_multiscales_metadata(group, datasets, fmt=FormatV04(), axes=axes)
     if channel_names:
         group.attrs["omero"] = {
             "channels": [{"label": n, "active": True} for n in channel_names],
