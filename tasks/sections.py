@@ -62,6 +62,7 @@ class DetectCells(StoreTask):
                 cell_diameter_um=cfg.cell_diameter_um,
                 method=cfg.detection_method,
                 threshold=cfg.detection_threshold,
+                **({"model": cfg.detection_model} if cfg.detection_method == "trained" else {}),
             )
         except (ValueError, TypeError, IndexError) as err:
             raise RuntimeError(f"brain {self.brain_id} section {self.section}: {err}") from err
