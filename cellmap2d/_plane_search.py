@@ -265,10 +265,16 @@ def search_series(
         ap = params[0] + params[1] * s.z
         s.inplane = planes.moment_inplane(s, ap, tans)
         _fit_inplane(planes, s, ap, tans)
+    # A torn or folded section misleads its own moments and registration; its own best AP then
+    # disagrees with the series. Such sections take the series' typical in-plane placement
+    # (sections are imaged in the same frame), which the refinement step then adjusts.
+    typical = np.median([s.inplane for s in good], axis=0)
+    for s, ok in zip(prepared, inlier, strict=True):
+        if not ok:
+            s.inplane = typical.copy()
 
     a0, step, ang_ml, ang_dv = params
     tans = np.tan(np.radians([ang_ml, ang_dv]))
-    typical = np.median([s.inplane for s in prepared], axis=0)
     by_z = {s.z: s for s in prepared}
     alone_by_z = dict(zip(z.astype(int), alone, strict=True))
     rows, anchors, nccs = [], [], []
