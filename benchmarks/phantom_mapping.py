@@ -86,23 +86,13 @@ def table(store: Path, world: Path, label: str) -> pd.DataFrame:
 def run_world(seed: int, max_angle: float, work: Path, workers: int) -> tuple[Path, Path, float]:
     import luigi
 
-    from cellmap2d.cli import _configure
+    from cellmap2d.cli import configure_world
     from cellmap2d.synthetic import WorldConfig, make_world
 
     config = WorldConfig.demo(seed, max_angle_deg=max_angle)
     world = make_world(work / f"seed{seed}" / "world", config)
     store = work / f"seed{seed}"
-    _configure(
-        {
-            "store": store,
-            "manifest": world.manifest,
-            "atlas": world.atlas_dir,
-            "atlas_resolution": int(config.atlas_resolution_um),
-            "abc": world.abc_dir,
-            "cell_diameter_um": config.cell_diameter_um,
-            "registration_pixel_um": 50,
-        }
-    )
+    configure_world(world, store)
     from tasks import BrainCells
 
     started = time.perf_counter()

@@ -162,20 +162,7 @@ def _demo(args: argparse.Namespace) -> int:
     if not (world_dir / "world.json").is_file():
         print(f"Building the phantom world in {world_dir} …")
     world = make_world(world_dir, config, progress=lambda m: print(f"  {m}", flush=True))
-    _configure(
-        {
-            "store": store,
-            "manifest": world.manifest,
-            "atlas": world.atlas_dir,
-            "atlas_resolution": int(config.atlas_resolution_um),
-            "abc": world.abc_dir,
-            "cell_diameter_um": config.cell_diameter_um,
-            "anchoring": "search",
-            "density_voxel_um": 100,
-            "density_sigma_um": 150,
-            "registration_pixel_um": 50,
-        }
-    )
+    configure_world(world, store)
     from tasks import Pipeline
 
     if Pipeline().complete():
@@ -195,6 +182,25 @@ def _demo(args: argparse.Namespace) -> int:
     _report_demo(world, store)
     print(f"\nFinished in {time.perf_counter() - started:.0f} s.")
     return 0
+
+
+def configure_world(world, store: Path) -> None:
+    """Point the pipeline settings at a phantom world (atlas, ABC cells, manifest)."""
+    config = world.config
+    _configure(
+        {
+            "store": store,
+            "manifest": world.manifest,
+            "atlas": world.atlas_dir,
+            "atlas_resolution": int(config.atlas_resolution_um),
+            "abc": world.abc_dir,
+            "cell_diameter_um": config.cell_diameter_um,
+            "anchoring": "search",
+            "density_voxel_um": 100,
+            "density_sigma_um": 150,
+            "registration_pixel_um": 50,
+        }
+    )
 
 
 def _report_demo(world, store: Path) -> None:

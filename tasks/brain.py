@@ -151,12 +151,18 @@ class BrainCells(StoreTask):
             adata.write_h5ad(tmp)
 
 
-def read_cells_h5ad(path: str) -> ad.AnnData:
-    return ad.read_h5ad(path)
+def _atlas_on_thumbnail(thumb: dict, anchor, refined: str, atlas_path: str) -> np.ndarray:
+    """The atlas regions carried onto a section thumbnail: anchoring, then refinement."""
+    from cellmap2d.assemble import section_grid_ccf
 
-
-def ccf_of(path: str) -> np.ndarray:
-    return np.asarray(read_cells_h5ad(path).obsm["ccf"])
+    grid = section_grid_ccf(
+        anchor,
+        thumb["autofluorescence"].shape,
+        float(thumb["factor"]),
+        tuple(int(v) for v in thumb["level0_shape"]),
+    )
+    annotation = cached_atlas(atlas_path).plane_image(grid, kind="annotation")
+    return Refinement.load(refined).warp_labels(annotation)
 
 
 class BrainQC(StoreTask):
@@ -178,29 +184,23 @@ class BrainQC(StoreTask):
         }
 
     def run(self) -> None:
-        from cellmap2d.assemble import section_grid_ccf
         from cellmap2d.io import from_level0
         from cellmap2d.plots import SectionView, series_overview
 
         inputs = self.input()
-        the_atlas = cached_atlas(inputs["atlas"].path)
         anchors = {a.nr: a for a in read_quint(inputs["anchoring"].path)}
         flags = section_flags(inputs["anchoring"].path)
         obs = ad.read_h5ad(inputs["cells"].path).obs
         views = []
         for z, target in inputs["thumbnails"].items():
             thumb = load_thumbnail(target.path)
-            factor = float(thumb["factor"])
-            image = thumb["autofluorescence"]
-            grid = section_grid_ccf(
-                anchors[z], image.shape, factor, tuple(int(v) for v in thumb["level0_shape"])
-            )
-            labels = Refinement.load(inputs["refined"][z].path).warp_labels(
-                the_atlas.plane_image(grid, kind="annotation")
+            labels = _atlas_on_thumbnail(
+                thumb, anchors[z], inputs["refined"][z].path, inputs["atlas"].path
             )
             cells = obs.loc[obs["section"] == z, ["x_px", "y_px"]].to_numpy()
+            xy = from_level0(cells, float(thumb["factor"]))
             label = f"s{z} {flags.get(z) or ''}".strip()
-            views.append(SectionView(z, image, labels, from_level0(cells, factor), label))
+            views.append(SectionView(z, thumb["autofluorescence"], labels, xy, label))
         figure = series_overview(views, title=f"brain {self.brain_id}")
         with self.output().temporary_path() as tmp:
             figure.savefig(tmp, format="png", dpi=80)
@@ -218,22 +218,13 @@ def _section_views(
     """Signal with detected cells, autofluorescence with the warped atlas boundaries."""
     import pandas as pd
 
-    from cellmap2d.assemble import section_grid_ccf
     from cellmap2d.io import from_level0
     from cellmap2d.plots import SectionView
 
     thumb = load_thumbnail(thumbnail)
     factor = float(thumb["factor"])
     anchor = next(a for a in read_quint(anchoring) if a.nr == z)
-    grid = section_grid_ccf(
-        anchor,
-        thumb["autofluorescence"].shape,
-        factor,
-        tuple(int(v) for v in thumb["level0_shape"]),
-    )
-    labels = Refinement.load(refined).warp_labels(
-        cached_atlas(atlas_path).plane_image(grid, kind="annotation")
-    )
+    labels = _atlas_on_thumbnail(thumb, anchor, refined, atlas_path)
     cells = pd.read_csv(cells_csv)
     xy = from_level0(cells[["x_px", "y_px"]].to_numpy(), factor)
     flag = section_flags(anchoring).get(z) or ""
