@@ -138,6 +138,9 @@ def _build(
 def _run(args: argparse.Namespace) -> int:
     values = {key: getattr(args, flag) for flag, key in _RUN_FLAGS.items()}
     values["manifest"] = str(Path(args.manifest).resolve())
+    from .io import read_manifest
+
+    read_manifest(values["manifest"])  # a bad manifest is one clear error, not a failed run
     _configure(values)
     from tasks import Pipeline
 
