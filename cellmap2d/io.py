@@ -200,7 +200,7 @@ class BrainImage:
 
     def section(self, z: int, channel: int, *, level: int = 0) -> np.ndarray:
         """One section plane ``(y, x)`` of one channel at one level."""
-        self._check(z, channel, level)
+        self.check_index(z, channel, level)
         return np.asarray(self.arrays[level][channel, z])
 
     def level_for(self, pixel_size_um: float) -> int:
@@ -208,7 +208,8 @@ class BrainImage:
         fine_enough = [i for i, p in enumerate(self.pixel_size_um) if p <= pixel_size_um * 1.001]
         return max(fine_enough) if fine_enough else 0
 
-    def _check(self, z: int, channel: int, level: int) -> None:
+    def check_index(self, z: int, channel: int, level: int) -> None:
+        """Raise ``IndexError`` naming the brain if section, channel or level does not exist."""
         where = f"brain {self.brain_id} ({self.path})"
         if not 0 <= level < len(self.arrays):
             raise IndexError(f"{where}: level {level} does not exist (has {len(self.arrays)})")

@@ -53,7 +53,7 @@ class DetectCells(StoreTask):
         level = spec.level or 0
         self.progress(f"detecting at level {level}")
         try:
-            brain._check(self.section, spec.signal_channel, level)
+            brain.check_index(self.section, spec.signal_channel, level)
             # a lazy 2-D view: windows are read as arr[channel, z, y0:y1, x0:x1]
             plane = Plane(brain.arrays[level], (spec.signal_channel, self.section))
             cells = detect_cells_tiled(
