@@ -20,6 +20,11 @@ from .celltypes import PrepareAtlas
 from .sections import DetectCells, RefineSection, SectionThumbnail, load_thumbnail, read_cells
 
 
+def per_section(task: type[luigi.Task], brain_id: str) -> dict[int, luigi.Task]:
+    """One ``task`` per section of the brain, keyed by section."""
+    return {z: task(brain_id=brain_id, section=z) for z in brain_sections(brain_id)}
+
+
 def _json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -37,10 +42,7 @@ class AnchorSeries(StoreTask):
     relative_path = "brains/{brain_id}/anchoring.json"
 
     def requires(self) -> dict[str, object]:
-        thumbnails = {
-            z: SectionThumbnail(brain_id=self.brain_id, section=z)
-            for z in brain_sections(self.brain_id)
-        }
+        thumbnails = per_section(SectionThumbnail, self.brain_id)
         return {"atlas": PrepareAtlas(), "thumbnails": thumbnails}
 
     def run(self) -> None:
@@ -107,14 +109,13 @@ class BrainCells(StoreTask):
     relative_path = "brains/{brain_id}/cells.h5ad"
 
     def requires(self) -> dict[str, object]:
-        sections = brain_sections(self.brain_id)
         kw = {"brain_id": self.brain_id}
         return {
             "anchoring": AnchorSeries(**kw),
             "atlas": PrepareAtlas(),
-            "cells": [DetectCells(section=z, **kw) for z in sections],
-            "refined": {z: RefineSection(section=z, **kw) for z in sections},
-            "thumbnails": {z: SectionThumbnail(section=z, **kw) for z in sections},
+            "cells": per_section(DetectCells, self.brain_id),
+            "refined": per_section(RefineSection, self.brain_id),
+            "thumbnails": per_section(SectionThumbnail, self.brain_id),
         }
 
     def run(self) -> None:
@@ -131,7 +132,7 @@ class BrainCells(StoreTask):
                 level0_shape=tuple(int(v) for v in thumb["level0_shape"]),
                 flag=flags.get(z, "") or "",
             )
-        cells = read_cells([t.path for t in inputs["cells"]])
+        cells = read_cells([t.path for t in inputs["cells"].values()])
         cfg, spec = settings(), brain_spec(self.brain_id)
         adata = brain_anndata(
             self.brain_id,
@@ -174,13 +175,12 @@ class BrainQC(StoreTask):
 
     def requires(self) -> dict[str, object]:
         kw = {"brain_id": self.brain_id}
-        sections = brain_sections(self.brain_id)
         return {
             "cells": BrainCells(**kw),
             "anchoring": AnchorSeries(**kw),
             "atlas": PrepareAtlas(),
-            "refined": {z: RefineSection(section=z, **kw) for z in sections},
-            "thumbnails": {z: SectionThumbnail(section=z, **kw) for z in sections},
+            "refined": per_section(RefineSection, self.brain_id),
+            "thumbnails": per_section(SectionThumbnail, self.brain_id),
         }
 
     def run(self) -> None:
@@ -279,11 +279,10 @@ class SectionsTable(StoreTask):
 
     def requires(self) -> dict[str, object]:
         kw = {"brain_id": self.brain_id}
-        sections = brain_sections(self.brain_id)
         return {
             "anchoring": AnchorSeries(**kw),
-            "refined": {z: RefineSection(section=z, **kw) for z in sections},
-            "cells": {z: DetectCells(section=z, **kw) for z in sections},
+            "refined": per_section(RefineSection, self.brain_id),
+            "cells": per_section(DetectCells, self.brain_id),
         }
 
     def run(self) -> None:
