@@ -101,6 +101,16 @@ def section_flags(anchoring_path: str) -> dict[int, str]:
     return dict(zip(qc.get("section", []), qc.get("flag", []), strict=True))
 
 
+def placement_inputs(brain_id: str) -> dict[str, object]:
+    """What places a brain's sections: anchoring, atlas, refinements, thumbnails."""
+    return {
+        "anchoring": AnchorSeries(brain_id=brain_id),
+        "atlas": PrepareAtlas(),
+        "refined": per_section(RefineSection, brain_id),
+        "thumbnails": per_section(SectionThumbnail, brain_id),
+    }
+
+
 class BrainCells(StoreTask):
     """The brain's AnnData: every detected cell in CCF µm with its atlas region."""
 
@@ -109,14 +119,7 @@ class BrainCells(StoreTask):
     relative_path = "brains/{brain_id}/cells.h5ad"
 
     def requires(self) -> dict[str, object]:
-        kw = {"brain_id": self.brain_id}
-        return {
-            "anchoring": AnchorSeries(**kw),
-            "atlas": PrepareAtlas(),
-            "cells": per_section(DetectCells, self.brain_id),
-            "refined": per_section(RefineSection, self.brain_id),
-            "thumbnails": per_section(SectionThumbnail, self.brain_id),
-        }
+        return {**placement_inputs(self.brain_id), "cells": per_section(DetectCells, self.brain_id)}
 
     def run(self) -> None:
         inputs = self.input()
@@ -174,14 +177,7 @@ class BrainQC(StoreTask):
     relative_path = "brains/{brain_id}/qc/overview.png"
 
     def requires(self) -> dict[str, object]:
-        kw = {"brain_id": self.brain_id}
-        return {
-            "cells": BrainCells(**kw),
-            "anchoring": AnchorSeries(**kw),
-            "atlas": PrepareAtlas(),
-            "refined": per_section(RefineSection, self.brain_id),
-            "thumbnails": per_section(SectionThumbnail, self.brain_id),
-        }
+        return {**placement_inputs(self.brain_id), "cells": BrainCells(brain_id=self.brain_id)}
 
     def run(self) -> None:
         from cellmap2d.io import from_level0
