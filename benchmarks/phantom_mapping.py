@@ -7,7 +7,7 @@ Two ways to run it::
 
 The second builds fresh phantom worlds (three brains each, one missing and one damaged section
 per brain, cutting angles up to ``--max-angle``) with seeds nothing was tuned on, runs the
-pipeline up to ``cells.h5ad`` and measures. For every brain it prints the median and 95th
+pipeline up to the refined sections and measures. For every brain it prints the median and 95th
 percentile distance between each planted cell's true CCF position and where its section pixel is
 mapped by
 
@@ -34,12 +34,11 @@ from cellmap2d.assemble import SectionPlacement, map_section_points
 from cellmap2d.registration import Refinement
 
 
-def brain_errors(store: Path, world: Path, brain_id: str) -> tuple[dict[str, np.ndarray], list]:
+def brain_errors(store: Path, world: Path, brain_id: str) -> tuple[dict[str, np.ndarray], dict]:
     truth = pd.read_csv(world / "truth" / brain_id / "cells.csv")
     ours = {a.nr: a for a in read_quint(store / "brains" / brain_id / "anchoring.json")}
     true = {a.nr: a for a in read_quint(world / "truth" / brain_id / "anchoring.json")}
     errors: dict[str, list[np.ndarray]] = {"true anchoring": [], "search": [], "search + ANTs": []}
-    ap_errors = []
     for z, cells in truth.groupby("section"):
         xy = cells[["x_px", "y_px"]].to_numpy()
         target = cells[["ap_um", "dv_um", "ml_um"]].to_numpy()
@@ -55,32 +54,35 @@ def brain_errors(store: Path, world: Path, brain_id: str) -> tuple[dict[str, np.
             ("search + ANTs", map_section_points(xy, placement)),
         ):
             errors[name].append(np.linalg.norm(mapped - target, axis=1))
-        centre = (anchor.width / 2, anchor.height / 2)
-        ap_errors.append(
-            anchor.to_ccf(*centre, **size)[0, 0] - true[z].to_ccf(*centre, **size)[0, 0]
-        )
+    ap_errors = {}
+    for z in sorted(set(ours) & set(true)):
+        size = {"width": ours[z].width, "height": ours[z].height}
+        centre = (ours[z].width / 2, ours[z].height / 2)
+        ap_errors[z] = ours[z].to_ccf(*centre, **size)[0, 0] - true[z].to_ccf(*centre, **size)[0, 0]
     return {k: np.concatenate(v) for k, v in errors.items()}, ap_errors
 
 
-def table(store: Path, world: Path, label: str) -> pd.DataFrame:
+def table(store: Path, world: Path, label: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     config = json.loads((world / "world.json").read_text())
-    rows = []
+    rows, per_section = [], []
     for brain in config["brains"]:
         bid = brain["brain_id"]
         errors, ap_errors = brain_errors(store, world, bid)
+        per_section.append(pd.Series(ap_errors, name=(label, bid)))
         fit = json.loads((store / "brains" / bid / "anchoring.json").read_text())["cellmap2d"]
         row = {"world": label, "brain": bid, "cells": len(errors["search"])}
         for name, e in errors.items():
             row[f"{name} median"] = np.median(e)
             row[f"{name} p95"] = np.percentile(e, 95)
-        row["AP err median |µm|"] = np.median(np.abs(ap_errors))
-        row["AP err max |µm|"] = np.max(np.abs(ap_errors))
+        ap = np.abs(list(ap_errors.values()))
+        row["AP err median |µm|"] = np.median(ap)
+        row["AP err max |µm|"] = np.max(ap)
         row["angles true"] = "{:+.1f}, {:+.1f}".format(*brain["angles_deg"])
         row["angles found"] = f"{fit['angle_ml_deg']:+.1f}, {fit['angle_dv_deg']:+.1f}"
         flags = [f for f in fit["sections"]["flag"] if f]
         row["flagged"] = ",".join(flags)
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), pd.DataFrame(per_section)
 
 
 def run_world(seed: int, max_angle: float, work: Path, workers: int) -> tuple[Path, Path, float]:
@@ -93,11 +95,12 @@ def run_world(seed: int, max_angle: float, work: Path, workers: int) -> tuple[Pa
     world = make_world(work / f"seed{seed}" / "world", config)
     store = work / f"seed{seed}"
     configure_world(world, store)
-    from tasks import BrainCells
+    from tasks import RefineSection
+    from tasks.brain import per_section
 
     started = time.perf_counter()
     result = luigi.build(
-        [BrainCells(brain_id=b.brain_id) for b in config.brains],
+        [t for b in config.brains for t in per_section(RefineSection, b.brain_id).values()],
         local_scheduler=True,
         workers=workers,
         detailed_summary=True,
@@ -116,19 +119,27 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("benchmarks/out/phantoms"))
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    tables = []
+    tables, sections = [], []
     if args.store:
-        tables.append(table(args.store, args.store / "world", "demo"))
+        summary, ap = table(args.store, args.store / "world", "demo")
+        tables.append(summary)
+        sections.append(ap)
     for seed in args.seeds:
         store, world, seconds = run_world(seed, args.max_angle, args.work, args.workers)
-        print(f"seed {seed}: 3 brains to cells.h5ad in {seconds:.0f} s ({args.workers} workers)")
-        tables.append(table(store, world, f"seed {seed}"))
+        print(
+            f"seed {seed}: 3 brains anchored and refined in {seconds:.0f} s ({args.workers} workers)"
+        )
+        summary, ap = table(store, world, f"seed {seed}")
+        tables.append(summary)
+        sections.append(ap)
     if not tables:
         parser.error("give --store and/or --seeds")
     result = pd.concat(tables, ignore_index=True).set_index(["world", "brain"])
     pd.set_option("display.width", 250)
     print("\nCCF error of planted cells (µm)")
     print(result.round(0).to_string())
+    print("\nAP error of the anchoring at each section's centre (µm; columns: section z)")
+    print(pd.concat(sections).round(0).to_string())
     ratio = result["search + ANTs median"] / result["true anchoring median"]
     print("\nmedian error, search + ANTs / true anchoring:", ", ".join(f"{r:.2f}" for r in ratio))
     print(

@@ -19,23 +19,43 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from ._deepslice import (
+        DEEPSLICE_WEIGHTS,
+        SeriesSeed,
+        check_deepslice,
+        run_deepslice,
+        section_image_name,
+        series_seed,
+        write_quicknii_folder,
+        write_section_images,
+    )
+
 __all__ = [
     "ATLAS_SHAPE",
+    "DEEPSLICE_WEIGHTS",
     "DEFAULT_METADATA",
     "VOXEL_UM",
     "QuintSeries",
     "SectionAnchor",
+    "SeriesSeed",
     "atlas_index",
     "ccf_to_quicknii",
+    "check_deepslice",
     "quicknii_to_ccf",
     "read_quint",
     "render_atlas_map",
+    "run_deepslice",
     "search_series",
+    "section_image_name",
+    "series_seed",
+    "write_quicknii_folder",
     "write_quint",
+    "write_section_images",
 ]
 
 ATLAS_SHAPE: tuple[int, int, int] = (528, 320, 456)
@@ -722,3 +742,26 @@ def search_series(thumbnails, sections, **kwargs):  # noqa: ANN001, ANN201
     from ._plane_search import search_series as _search
 
     return _search(thumbnails, sections, **kwargs)
+
+
+_DEEPSLICE_NAMES = frozenset(
+    {
+        "DEEPSLICE_WEIGHTS",
+        "SeriesSeed",
+        "check_deepslice",
+        "run_deepslice",
+        "section_image_name",
+        "series_seed",
+        "write_quicknii_folder",
+        "write_section_images",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    # The DeepSlice adapter (``._deepslice``) builds on the QUINT types above.
+    if name in _DEEPSLICE_NAMES:
+        from . import _deepslice
+
+        return getattr(_deepslice, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

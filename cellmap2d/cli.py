@@ -27,6 +27,7 @@ _RUN_FLAGS = {
     "level": "level",
     "anchoring": "anchoring",
     "quint_dir": "quint_dir",
+    "deepslice_weights": "deepslice_weights",
     "cell_diameter_um": "cell_diameter_um",
 }
 
@@ -48,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--abc", help="ABC Atlas cache directory (abc_atlas_access layout)")
     run.add_argument("--abc-datasets", help="comma-separated ABC datasets")
     run.add_argument("--level", help="taxonomy level (default subclass)")
-    run.add_argument("--anchoring", choices=["search", "quint"])
+    run.add_argument("--anchoring", choices=["search", "deepslice", "deepslice+search", "quint"])
     run.add_argument("--quint-dir", help="folder with <brain_id>.json for --anchoring quint")
+    run.add_argument("--deepslice-weights", help="folder of DeepSlice's weight files")
     run.add_argument("--cell-diameter-um", type=float)
     run.add_argument("--workers", type=int, default=1)
     where = run.add_mutually_exclusive_group()
@@ -142,7 +144,17 @@ def _run(args: argparse.Namespace) -> int:
 
     read_manifest(values["manifest"])  # a bad manifest is one clear error, not a failed run
     _configure(values)
-    from tasks import Pipeline
+    from tasks import Pipeline, cellmap2d
+
+    settings = cellmap2d()
+    if settings.anchoring.startswith("deepslice"):
+        from .anchoring import check_deepslice
+
+        try:  # fail at once, not once per brain after the thumbnails are made
+            check_deepslice(settings.deepslice_weights)
+        except (ImportError, FileNotFoundError, ValueError) as err:
+            print(f"cellmap2d: anchoring = {settings.anchoring}: {err}", file=sys.stderr)
+            return 2
 
     code, result = _build(
         [Pipeline()],

@@ -4,7 +4,7 @@ Run with the ``cellmap2d`` command, or ``python -m luigi --module tasks Pipeline
 """
 
 from ._config import cellmap2d
-from .brain import AnchorSeries, BrainCells, BrainQC, SectionQC, SectionsTable
+from .brain import AnchorSeries, BrainCells, BrainQC, QuickNIIFolder, SectionQC, SectionsTable
 from .celltypes import AtlasCellTypes, PrepareAtlas, TypeDensities
 from .cohort import BrainReport, ChallengeTable, CohortIdentity, Identity, Pipeline
 from .sections import DetectCells, ReadSection, RefineSection, SectionThumbnail
@@ -21,6 +21,7 @@ __all__ = [
     "Identity",
     "Pipeline",
     "PrepareAtlas",
+    "QuickNIIFolder",
     "ReadSection",
     "RefineSection",
     "SectionQC",

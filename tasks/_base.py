@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import luigi
@@ -12,7 +13,7 @@ from ._config import store
 
 
 class StoreTask(luigi.Task):
-    """A task with one output file under the store (written atomically).
+    """A task with one output (a file or a folder) under the store, written atomically.
 
     Complete when the output exists and is newer than the task's direct inputs and, for tasks
     that depend on a brain's anchoring, newer than that ``anchoring.json``: correct an anchoring
@@ -57,4 +58,5 @@ def _remove_stale_output(task: luigi.Task) -> None:
     """A task only runs when its output is missing or stale: clear a stale one first, so the
     atomic ``temporary_path()`` rename (which never overwrites) can put the new one in place."""
     if isinstance(task, StoreTask) and task.output().exists():
-        os.remove(task.output().path)
+        path = task.output().path
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)

@@ -11,6 +11,8 @@ import luigi
 from cellmap2d.atlas import Atlas, load_atlas, read_atlas_h5
 from cellmap2d.io import BrainImage, BrainSpec, open_brain, read_manifest
 
+ANCHORING_BACKENDS = ["search", "deepslice", "deepslice+search", "quint"]
+
 
 class cellmap2d(luigi.Config):  # noqa: N801  (the section name in luigi.cfg)
     """Pipeline settings; every one can be set in ``luigi.cfg`` or on the command line."""
@@ -29,8 +31,11 @@ class cellmap2d(luigi.Config):  # noqa: N801  (the section name in luigi.cfg)
     detection_threshold = luigi.FloatParameter(default=6.0)
     detection_model = luigi.Parameter(default="", description="model.joblib for 'trained'")
     registration_pixel_um = luigi.FloatParameter(default=50.0)
-    anchoring = luigi.ChoiceParameter(choices=["search", "quint"], default="search")
+    anchoring = luigi.ChoiceParameter(choices=ANCHORING_BACKENDS, default="search")
     quint_dir = luigi.Parameter(default="", description="folder of <brain_id>.json (quint)")
+    deepslice_weights = luigi.Parameter(
+        default="", description="folder of DeepSlice's weight files (deepslice backends)"
+    )
     syn = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
     bootstrap = luigi.IntParameter(default=100)
     identity_region = luigi.Parameter(

@@ -5,12 +5,24 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 
 import anndata as ad
 import luigi
 import numpy as np
 
-from cellmap2d.anchoring import DEFAULT_METADATA, read_quint, search_series, write_quint
+from cellmap2d.anchoring import (
+    DEFAULT_METADATA,
+    QuintSeries,
+    check_deepslice,
+    read_quint,
+    run_deepslice,
+    search_series,
+    series_seed,
+    write_quicknii_folder,
+    write_quint,
+    write_section_images,
+)
 from cellmap2d.assemble import SectionPlacement, brain_anndata
 from cellmap2d.registration import Refinement
 
@@ -46,8 +58,17 @@ class AnchorSeries(StoreTask):
         return {"atlas": PrepareAtlas(), "thumbnails": thumbnails}
 
     def run(self) -> None:
-        quint = settings().anchoring == "quint"
-        series = self._user_anchoring() if quint else self._search()
+        backend = settings().anchoring
+        if backend == "quint":
+            series = self._user_anchoring()
+        elif backend.startswith("deepslice"):
+            series = self._deepslice()
+            if backend == "deepslice+search":
+                atlas = cached_atlas(self.input()["atlas"].path)
+                seed = series_seed(series, midline_um=atlas.midline_um)
+                series = self._search(seed=seed.params)
+        else:
+            series = self._search()
         with self.output().temporary_path() as tmp:
             write_quint(tmp, series, metadata=series.metadata)
 
@@ -72,7 +93,27 @@ class AnchorSeries(StoreTask):
             )
         return series
 
-    def _search(self):
+    def _deepslice(self):
+        weights = settings().deepslice_weights
+        check_deepslice(weights)  # before reading anything: fails at once without weights
+        thumbs = {z: load_thumbnail(t.path) for z, t in self.input()["thumbnails"].items()}
+        self.progress("running DeepSlice")
+        with tempfile.TemporaryDirectory() as folder:
+            images = {z: t["autofluorescence"] for z, t in thumbs.items()}
+            write_section_images(images, folder, brain_id=self.brain_id)
+            series = run_deepslice(
+                folder,
+                weights_dir=weights,
+                section_spacing_um=brain_spec(self.brain_id).section_spacing_um,
+                brain_id=self.brain_id,
+                level0_shapes={
+                    z: tuple(int(v) for v in t["level0_shape"]) for z, t in thumbs.items()
+                },
+            )
+        series.metadata["cellmap2d"] = {"method": "deepslice"}
+        return series
+
+    def _search(self, seed: dict[str, float] | None = None):
         thumbs = {z: load_thumbnail(t.path) for z, t in self.input()["thumbnails"].items()}
         first = next(iter(thumbs.values()))
         spec, brain = brain_spec(self.brain_id), brain_image(self.brain_id)
@@ -84,15 +125,42 @@ class AnchorSeries(StoreTask):
             level0_shape=tuple(int(v) for v in first["level0_shape"]),
             level0_pixel_um=brain.pixel_size_um[0],
             section_spacing_um=spec.section_spacing_um,
+            seed=seed,
             brain_id=self.brain_id,
             progress=self.progress,
         )
-        from cellmap2d.anchoring import QuintSeries
-
-        qc = {"method": "search", **fit.params, "sections": fit.sections.to_dict(orient="list")}
+        method = "search" if seed is None else "deepslice+search"
+        qc = {"method": method, **fit.params, "sections": fit.sections.to_dict(orient="list")}
         return QuintSeries(
             fit.anchors, {**DEFAULT_METADATA, "name": self.brain_id, "cellmap2d": _json_safe(qc)}
         )
+
+
+class QuickNIIFolder(StoreTask):
+    """``anchoring.json`` with the section images beside it: opens in QuickNII/VisuAlign.
+
+    To correct the anchoring, open ``quicknii/anchoring.json``, save, and copy it over the
+    brain's ``anchoring.json`` (or use the ``quint`` backend).
+    """
+
+    brain_id = luigi.Parameter()
+    depends_on_anchoring = True
+    relative_path = "brains/{brain_id}/quicknii"
+
+    def requires(self) -> dict[str, object]:
+        return {
+            "anchoring": AnchorSeries(brain_id=self.brain_id),
+            "thumbnails": per_section(SectionThumbnail, self.brain_id),
+        }
+
+    def run(self) -> None:
+        series = read_quint(self.input()["anchoring"].path)
+        images = {
+            z: load_thumbnail(t.path)["autofluorescence"]
+            for z, t in self.input()["thumbnails"].items()
+        }
+        with self.output().temporary_path() as tmp:
+            write_quicknii_folder(series, images, tmp, brain_id=self.brain_id)
 
 
 def section_flags(anchoring_path: str) -> dict[int, str]:

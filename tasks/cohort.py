@@ -13,7 +13,15 @@ from cellmap2d.identity import brain_identity, challenge_table
 
 from ._base import StoreTask
 from ._config import brain_sections, brain_spec, cached_atlas, manifest, settings, store
-from .brain import AnchorSeries, BrainCells, BrainQC, SectionQC, SectionsTable, section_flags
+from .brain import (
+    AnchorSeries,
+    BrainCells,
+    BrainQC,
+    QuickNIIFolder,
+    SectionQC,
+    SectionsTable,
+    section_flags,
+)
 from .celltypes import PrepareAtlas, TypeDensities
 
 
@@ -124,7 +132,7 @@ class BrainReport(luigi.WrapperTask):
     def requires(self) -> list[luigi.Task]:
         kw = {"brain_id": self.brain_id}
         sections = [SectionQC(section=z, **kw) for z in brain_sections(self.brain_id)]
-        return [Identity(**kw), BrainQC(**kw), SectionsTable(**kw), *sections]
+        return [Identity(**kw), BrainQC(**kw), SectionsTable(**kw), QuickNIIFolder(**kw), *sections]
 
 
 class Pipeline(luigi.WrapperTask):

@@ -129,6 +129,58 @@ def test_anchoring_json_is_quint_and_flags_missing_section(world, store: Path) -
             assert abs(mine[0, 0] - true[0, 0]) < 300, (a.nr, mine, true)
 
 
+def test_quicknii_folder_opens_the_anchoring(world, store: Path) -> None:
+    """QuickNII finds each slice's image by its ``filename`` in the JSON's own folder."""
+    import imageio.v3 as iio
+
+    brain = world.config.brains[0]
+    folder = store / "brains" / brain.brain_id / "quicknii"
+    series = read_quint(folder / "anchoring.json")
+    assert series == read_quint(store / "brains" / brain.brain_id / "anchoring.json")
+    for anchor in series:
+        assert anchor.filename.endswith(".png") and f"_s{anchor.nr:04d}" in anchor.filename
+        image = iio.imread(folder / anchor.filename)
+        assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
+    present = [a for a in series if a.nr not in brain.missing]
+    assert all(iio.imread(folder / a.filename).std() > 10 for a in present)
+
+
+def test_search_seeded_by_another_anchoring(world, store: Path) -> None:
+    """A seed (as from DeepSlice) starts the search; a seed off the section spacing is refused."""
+    from cellmap2d.anchoring import search_series, series_seed
+    from cellmap2d.atlas import read_atlas_h5
+    from tasks.sections import load_thumbnail
+
+    brain = world.config.brains[0]
+    folder = store / "brains" / brain.brain_id
+    thumbs = {int(p.stem[1:]): load_thumbnail(str(p)) for p in folder.glob("thumbnails/*.npz")}
+    first = next(iter(thumbs.values()))
+    atlas = read_atlas_h5(next((store / "atlas").glob("*.h5")))
+    truth = read_quint(world.truth_anchoring(brain.brain_id))
+    seed = series_seed(truth, midline_um=atlas.midline_um).params
+    kwargs = {
+        "atlas": atlas,
+        "thumbnail_pixel_um": float(first["pixel_um"]),
+        "level0_shape": tuple(int(v) for v in first["level0_shape"]),
+        "level0_pixel_um": world.config.pixel_size_um,
+        "section_spacing_um": brain.section_spacing_um,
+        "brain_id": brain.brain_id,
+    }
+    images = [t["autofluorescence"] for t in thumbs.values()]
+    fit = search_series(images, list(thumbs), seed=seed, **kwargs)
+    assert abs(fit.params["angle_ml_deg"] - brain.angles_deg[0]) < 1.0, fit.params
+    assert abs(fit.params["angle_dv_deg"] - brain.angles_deg[1]) < 1.0, fit.params
+    true_by_nr = {a.nr: a for a in truth}
+    for a in (a for a in fit.anchors if a.nr in true_by_nr):  # the missing section has no truth
+        centre = (a.width / 2, a.height / 2)
+        ap = a.to_ccf(*centre, width=a.width, height=a.height)[0, 0]
+        assert (
+            abs(ap - true_by_nr[a.nr].to_ccf(*centre, width=a.width, height=a.height)[0, 0]) < 200
+        )
+    with pytest.raises(ValueError, match=f"brain {brain.brain_id}.*section spacing"):
+        search_series(images, list(thumbs), seed={**seed, "step_um": 2 * seed["step_um"]}, **kwargs)
+
+
 def test_cohort_tables(world, store: Path) -> None:
     long = pd.read_csv(store / "cohort" / "identity.csv", dtype={"brain_id": str})
     assert set(long["brain_id"]) == {b.brain_id for b in world.config.brains}
@@ -166,6 +218,7 @@ def test_hand_corrected_anchoring_reruns_only_downstream(world, store: Path) -> 
         *folder.glob("transforms/*.npz"),
         folder / "cells.h5ad",
         folder / "identity.csv",
+        folder / "quicknii" / "anchoring.json",
         store / "cohort" / "mapmysections.csv",
     ]
     before = {p: p.stat().st_mtime_ns for p in upstream + downstream}
