@@ -25,59 +25,60 @@ __all__ = [
 
 # LoG scales (× the cell's σ) whose responses describe a candidate for the classifier
 _SCALES = (0.5, 0.7, 1.0, 1.4, 2.0)
+# every feature is in units of the image's own bright range (99.9th percentile − median) or a
+# ratio, so a classifier trained on some images transfers to others of another gain or offset
 FEATURES = (
     *(f"log_{s}" for s in _SCALES),
-    "contrast",
-    "intensity",
-    "mean_intensity",
-    "background",
+    "brightness",
+    "mean_brightness",
+    "background_level",
     "peak_over_background",
     "mean_over_peak",
 )
 
 
-def watershed_window(data: np.ndarray, y0: int, x0: int, ctx: seg.Context) -> pd.DataFrame | None:
-    """Watershed detections of one window, image coordinates (see ``detect_cells``)."""
-    from skimage.feature import peak_local_max
+def watershed_window(
+    data: np.ndarray, y0: int, x0: int, ctx: seg.Context
+) -> tuple[pd.DataFrame | None, np.ndarray]:
+    """Watershed detections of one window, image coordinates (see ``detect_cells``), and the
+    window's LoG response (noise units)."""
     from skimage.measure import regionprops_table
     from skimage.segmentation import watershed
 
-    f = ctx.factor
-    coarse = seg.block_mean(data, f)
+    markers, extra = seg.log_window(data, y0, x0, ctx)
+    if markers is None:
+        return None, extra["response"]
+    f, coarse = ctx.factor, extra["coarse"]
     radius_c = ctx.radius_px / f
     smooth = ndi.gaussian_filter(coarse, max(radius_c / 4, 0.7), mode="reflect")
     gy = (np.arange(coarse.shape[0]) + 0.5) * f - 0.5 + y0
     gx = (np.arange(coarse.shape[1]) + 0.5) * f - 0.5 + x0
     yy, xx = np.meshgrid(gy, gx, indexing="ij")
-    background = ctx.background_at(xx.ravel(), yy.ravel()).reshape(coarse.shape)
-    above = smooth - background
-    # half the local maximum: an object's extent does not grow with its brightness
-    local_max = ndi.maximum_filter(above, size=max(3, int(2 * radius_c + 1)), mode="reflect")
-    foreground = (smooth > ctx.otsu) & (above > ctx.threshold * ctx.noise)
-    foreground &= above >= 0.5 * local_max
-    foreground = ndi.binary_opening(foreground, iterations=max(1, int(radius_c / 4)))
-    foreground = ndi.binary_fill_holes(foreground)
-    if not foreground.any():
-        return None
-    distance = ndi.gaussian_filter(ndi.distance_transform_edt(foreground), 1.0)
-    components, _ = ndi.label(foreground)
-    markers = peak_local_max(
-        distance,
-        min_distance=max(1, int(0.6 * radius_c)),
-        labels=components,
-        exclude_border=False,
-    )
+    above = smooth - ctx.background_at(xx.ravel(), yy.ravel()).reshape(coarse.shape)
+    ys, xs = extra["peaks"]
     marker_image = np.zeros(coarse.shape, np.int32)
-    marker_image[tuple(markers.T)] = np.arange(1, len(markers) + 1)
-    labels = watershed(-distance, marker_image, mask=foreground)
-    props = regionprops_table(
-        labels,
-        intensity_image=smooth,
-        properties=("label", "area", "perimeter", "centroid", "intensity_max", "intensity_mean"),
+    marker_image[ys, xs] = np.arange(1, len(ys) + 1)
+    labels = watershed(-smooth, marker_image, mask=above > 0)
+    # a cell is where it is at least half its own peak above the background, so its extent
+    # does not grow with its brightness
+    height = np.concatenate([[np.inf], above[ys, xs]])
+    labels[above < 0.5 * height[labels]] = 0
+    table = pd.DataFrame(
+        regionprops_table(
+            labels,
+            intensity_image=smooth,
+            properties=(
+                "label",
+                "area",
+                "perimeter",
+                "centroid",
+                "intensity_max",
+                "intensity_mean",
+            ),
+        )
     )
-    table = pd.DataFrame(props)
     if table.empty:
-        return None
+        return None, extra["response"]
     area_px = table["area"].to_numpy() * f * f
     expected = np.pi * ctx.radius_px**2
     lo, hi = ctx.options.get("area_range", (0.2, 5.0))
@@ -87,12 +88,12 @@ def watershed_window(data: np.ndarray, y0: int, x0: int, ctx: seg.Context) -> pd
     keep &= circularity >= ctx.options.get("min_circularity", 0.3)
     table, area_px, circularity = table[keep], area_px[keep], circularity[keep]
     if table.empty:
-        return None
+        return None, extra["response"]
     x = (table["centroid-1"].to_numpy() + 0.5) * f - 0.5 + x0
     y = (table["centroid-0"].to_numpy() + 0.5) * f - 0.5 + y0
     bg = ctx.background_at(x, y)
     peak = table["intensity_max"].to_numpy()
-    return pd.DataFrame(
+    cells = pd.DataFrame(
         {
             "x": x,
             "y": y,
@@ -103,8 +104,10 @@ def watershed_window(data: np.ndarray, y0: int, x0: int, ctx: seg.Context) -> pd
             "radius_um": np.sqrt(area_px / np.pi) * ctx.pixel_size_um,
             "area_um2": area_px * ctx.pixel_size_um**2,
             "circularity": circularity,
+            "response": markers["response"].to_numpy()[table["label"].to_numpy() - 1],
         }
     )
+    return cells, extra["response"]
 
 
 def candidate_features(
@@ -118,10 +121,13 @@ def candidate_features(
     coarse, f = extra["coarse"], ctx.factor
     for s in _SCALES:
         sigma_c = max(seg._coarse_sigma(ctx.sigma * s, f), 0.5)
-        response, norm = seg.log_response(coarse, sigma_c)
-        cells[f"log_{s}"] = response[ys, xs] / (ctx.noise / f * norm)
+        response, _ = seg.log_response(coarse, sigma_c)
+        cells[f"log_{s}"] = response[ys, xs] / ctx.bright_range
     bg = cells["background"].to_numpy()
     peak = cells["intensity"].to_numpy()
+    cells["brightness"] = (peak - bg) / ctx.bright_range
+    cells["mean_brightness"] = (cells["mean_intensity"].to_numpy() - bg) / ctx.bright_range
+    cells["background_level"] = (bg - ctx.median) / ctx.bright_range
     cells["peak_over_background"] = np.log1p(np.maximum(peak - bg, 0)) - np.log1p(np.abs(bg))
     cells["mean_over_peak"] = (cells["mean_intensity"] - bg) / np.maximum(peak - bg, 1e-6)
     return cells
@@ -152,6 +158,7 @@ class DetectorModel:
     candidate_threshold: float = 3.0
     probability_threshold: float = 0.5
     features: tuple[str, ...] = FEATURES
+    scales: tuple[float, ...] = (1.0,)
     info: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
@@ -237,6 +244,7 @@ def train_detector(
     pixel_size_um: float,
     cell_diameter_um: float,
     candidate_threshold: float = 3.0,
+    scales: tuple[float, ...] = (1.0,),
     seed: int = 0,
 ) -> DetectorModel:
     """Train the candidate classifier from annotated images.
@@ -251,7 +259,9 @@ def train_detector(
     """
     from sklearn.ensemble import RandomForestClassifier
 
-    model = DetectorModel(None, pixel_size_um, cell_diameter_um, candidate_threshold)
+    model = DetectorModel(
+        None, pixel_size_um, cell_diameter_um, candidate_threshold, scales=tuple(scales)
+    )
     rows, labels = [], []
     for image, mask in zip(images, masks, strict=True):
         truth, radii = mask_centroids(mask)
@@ -265,7 +275,7 @@ def train_detector(
         raise ValueError("no candidates in the training images")
     x, y = np.concatenate(rows), np.concatenate(labels)
     clf = RandomForestClassifier(
-        n_estimators=300, min_samples_leaf=2, class_weight="balanced", random_state=seed, n_jobs=1
+        n_estimators=300, min_samples_leaf=5, class_weight="balanced", random_state=seed, n_jobs=1
     )
     clf.fit(x, y)
     model.classifier = clf
@@ -285,4 +295,5 @@ def candidates(image: np.ndarray, model: DetectorModel) -> pd.DataFrame:
         cell_diameter_um=model.cell_diameter_um,
         method="_candidates",
         threshold=model.candidate_threshold,
+        scales=model.scales,
     )

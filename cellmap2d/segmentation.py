@@ -2,7 +2,7 @@
 
 All parameters are physical (µm), so one setting works at any pyramid level. Every method runs
 window by window (:func:`detect_cells_tiled`); :func:`detect_cells` is the one-window case, and
-the image-wide statistics (pixel noise, background, tissue mask, global threshold) are computed
+the image-wide statistics (pixel noise, background, tissue mask, bright range) are computed
 on a grid fixed in image coordinates, so tiled and untiled detection give the same cells.
 """
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import cv2
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
@@ -39,6 +40,18 @@ DETECTION_COLUMNS = (
 METHODS = ("log", "watershed", "trained")
 # sampled residual values used for the noise estimate (the sampling stride follows from this)
 _NOISE_SAMPLE = 1_000_000
+# about this many response values (on a grid of coarse pixels) give the response spread
+_RESPONSE_SAMPLE = 500_000
+# options of detect_cells used here, not passed on to the window functions
+_SHARED_OPTIONS = (
+    "background_um",
+    "noise",
+    "threshold",
+    "threshold_unit",
+    "min_brightness",
+    "min_sigma_px",
+    "scales",
+)
 
 
 @dataclass(frozen=True)
@@ -57,8 +70,11 @@ class Context:
     noise: float  # pixel noise of the image
     background: np.ndarray  # smoothed block means, (ceil(H/block), ceil(W/block))
     tissue: np.ndarray  # bool per block: not constant
-    otsu: float  # global threshold of the sampled pixels
     options: dict[str, Any]
+    scales: tuple[float, ...] = (1.0,)  # LoG scales, × the nominal cell size
+    sample_step: int = 1  # coarse-pixel stride of the response sampling grid
+    bright_range: float = 1.0  # 99.9th percentile − median of the sampled pixels
+    median: float = 0.0  # median of the sampled pixels
 
     def background_at(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         """Background (bilinear on the block grid) at image positions."""
@@ -108,23 +124,31 @@ def detect_cells(
     """Detect labeled cells as bright blobs of about ``cell_diameter_um``.
 
     ``log`` (default): scale-normalised Laplacian of Gaussian at the cell size (separable
-    float32 Gaussian derivatives, on a block-mean image when cells span many pixels so the LoG
-    scale there stays ≥ 2 px); a detection is a local maximum of the response at least
-    ``threshold`` noise units above zero. The noise is that of the image, estimated robustly
-    (MAD) from a pixel-scale residual that cells and smooth tissue barely touch, and carried into
-    response units by the kernel's L2 norm (exact for white noise), so dense fields of cells do
-    not raise the threshold. Background is a Gaussian (``background_um``, default 10 cell
-    diameters) of block means; blocks of constant value (zero padding, missing data) are not
-    tissue and give no cells. Maxima on the image's outermost pixels are not reported.
+    float32 OpenCV filters, on a block-mean image when cells span many pixels so the LoG scale
+    there stays ≥ 1.5 px); with ``scales``, at several sizes, a cell being a spatial maximum of
+    the highest scale-normalised response and its ``radius_um`` that scale's. A detection is a
+    local maximum at least ``threshold`` units above zero. The unit (``threshold_unit``) is
+    ``"noise"``: the response σ of the image's pixel noise (estimated robustly from a
+    pixel-scale residual, × the kernel's L2 norm), so dense fields of cells do not raise it;
+    or ``"spread"``: the robust (MAD) spread of the response over the tissue, sampled on a grid
+    fixed in image coordinates and never below the noise unit — where dim cells, neurites or
+    texture make the response vary, the unit grows with them and only cells that stand out of
+    their image are kept. ``min_brightness`` (default 0) also drops cells whose peak is less
+    than that fraction of the image's bright range (99.9th percentile − median) above the
+    background. Background is a Gaussian (``background_um``, default 10 cell diameters) of
+    block means; blocks of constant value (zero padding, missing data) are not tissue and give
+    no cells. Maxima on the image's outermost pixels are not reported.
 
-    ``watershed``: foreground = above the global Otsu threshold of the image and ``threshold``
-    noise units above the local background; markers = distance-transform peaks at least 0.6 cell
-    radii apart; watershed within the foreground; objects kept when their area is within
-    ``area_range`` (× the expected cell area) and ``circularity`` ≥ ``min_circularity``.
+    ``watershed``: markers = the ``log`` detections (same ``threshold``, ``threshold_unit``,
+    ``scales``); watershed of the smoothed image from them, each cell being the pixels at least
+    half its peak above the background; cells kept when their area is within ``area_range``
+    (× the expected cell area) and ``circularity`` ≥ ``min_circularity``; positions are the
+    cells' centroids.
 
-    ``trained``: LoG candidates at a low threshold, kept by a scikit-learn classifier over their
-    multi-scale features (``model=`` a :class:`cellmap2d._detectors.DetectorModel` or the path of
-    one saved by ``cellmap2d train-detector``).
+    ``trained``: LoG candidates at a low threshold (at the model's scales), kept by a
+    scikit-learn classifier over their multi-scale features, all in units of the image's own
+    bright range (``model=`` a :class:`cellmap2d._detectors.DetectorModel` or the path of one
+    saved by ``cellmap2d train-detector``).
 
     Parameters
     ----------
@@ -137,23 +161,27 @@ def detect_cells(
     method
         ``"log"``, ``"watershed"`` or ``"trained"``.
     **kw
-        ``threshold`` (noise units, default 6 for ``log``/``trained`` candidates, 3 for
-        ``watershed``), ``background_um``, ``noise`` (pixel noise, to skip the estimate),
-        ``area_range``, ``min_circularity``, ``model``.
+        ``threshold`` (default 6), ``threshold_unit`` (``log``, ``watershed``: ``"noise"``
+        (default) or ``"spread"``), ``scales`` (``log``, ``watershed``: cell sizes relative
+        to ``cell_diameter_um``, default ``(1.0,)``, e.g. ``(0.7, 1.0, 1.4)``),
+        ``min_brightness`` (any method; fraction of the bright range), ``background_um``,
+        ``noise`` (pixel noise, to skip the estimate), ``min_sigma_px`` (smallest LoG σ in
+        block-mean pixels, default 1.5: sets the block-mean factor), ``area_range``,
+        ``min_circularity``, ``model``.
 
     Returns
     -------
     pandas.DataFrame
         One row per cell: ``x``, ``y`` (sub-pixel, column/row of ``image``), ``intensity``
         (peak, smoothed at σ/2), ``mean_intensity`` (within one cell radius), ``background``,
-        ``contrast`` ((peak − background) / pixel noise), ``radius_um``; ``watershed`` adds
-        ``area_um2`` and ``circularity``, ``trained`` adds ``probability``.
+        ``contrast`` ((peak − background) / pixel noise), ``radius_um`` (the best scale's);
+        ``watershed`` adds ``area_um2`` and ``circularity``, ``trained`` adds ``probability``.
 
     Raises
     ------
     ValueError
         NaN/inf values, a saturated section (> 50 % of pixels at the dtype maximum), a non 2-D
-        image, non-positive sizes or an unknown method.
+        image, non-positive sizes or scales, an unknown method or threshold unit.
     TypeError
         A non-numeric (or bool/complex) dtype.
     """
@@ -187,10 +215,11 @@ def detect_cells_tiled(
 
     Two passes over ``tile``² windows: the first samples the pixel noise (on rows fixed in image
     coordinates), the block means for the background and tissue mask, and the pixels for the
-    global threshold; the second detects in each window grown by ``overlap`` pixels (default:
+    bright range; the second detects in each window grown by ``overlap`` pixels (default:
     enough for the filters and one cell) and keeps the cells whose position lies in the window's
-    core, so each cell is reported once and as the whole image would report it. Peak memory is
-    a few window-sized float32 arrays per worker, whatever the image size.
+    core, so each cell is reported once and as the whole image would report it; the response
+    spread (``log``) comes from a grid of the windows' core pixels fixed in image coordinates.
+    Peak memory is a few window-sized float32 arrays per worker, whatever the image size.
 
     Parameters
     ----------
@@ -200,7 +229,8 @@ def detect_cells_tiled(
     tile, overlap
         Window core size and margin, level pixels (rounded up to the block-mean factor).
     workers
-        Threads (scipy.ndimage and zarr release the GIL).
+        Threads (OpenCV, scipy.ndimage and zarr release the GIL; OpenCV's own threads are
+        turned off meanwhile).
     **kw
         As :func:`detect_cells`.
     """
@@ -215,6 +245,41 @@ def detect_cells_tiled(
         raise TypeError(f"image dtype {dtype} is not numeric")
     if not (pixel_size_um > 0 and cell_diameter_um > 0):
         raise ValueError("pixel_size_um and cell_diameter_um must be positive")
+    scales = tuple(float(s) for s in kw.get("scales", (1.0,)))
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"scales must be positive numbers, not {kw.get('scales')!r}")
+    cv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        return _detect_tiled(
+            array,
+            dtype=dtype,
+            pixel_size_um=float(pixel_size_um),
+            cell_diameter_um=float(cell_diameter_um),
+            method=method,
+            tile=tile,
+            overlap=overlap,
+            workers=workers,
+            scales=scales,
+            kw=kw,
+        )
+    finally:
+        cv2.setNumThreads(cv_threads)
+
+
+def _detect_tiled(
+    array: Any,
+    *,
+    dtype: np.dtype,
+    pixel_size_um: float,
+    cell_diameter_um: float,
+    method: str,
+    tile: int,
+    overlap: int | None,
+    workers: int,
+    scales: tuple[float, ...],
+    kw: dict[str, Any],
+) -> pd.DataFrame:
     height, width = (int(s) for s in array.shape)
     columns = _columns(method)
     empty = pd.DataFrame({c: pd.Series(dtype=np.float64) for c in columns})
@@ -242,13 +307,12 @@ def detect_cells_tiled(
             max(0, x0 - margin),
             min(width, x1 + margin),
         )
-        data = _read(array, wy0, wy1, wx0, wx1, raw=True)
+        data = _read(array, wy0, wy1, wx0, wx1)
         inner = data[y0 - wy0 : y0 - wy0 + (y1 - y0), x0 - wx0 : x0 - wx0 + (x1 - x0)]
         return (
             _residual_sample(data, wy0, wx0, height, width, stride),
             _value_sample(inner, y0, stride),
-            *_block_stats(inner, block),
-            np.int64(_saturated(inner, dtype)),
+            *_block_stats(inner, block, factor, dtype),
         )
 
     results = _map(stats, cores, workers)
@@ -257,13 +321,11 @@ def detect_cells_tiled(
     n_blocks = (-(-height // block), -(-width // block))
     means = np.zeros(n_blocks, np.float64)
     tissue = np.zeros(n_blocks, bool)
-    lo = np.inf
     for (y0, _, x0, _), r in zip(cores, results, strict=True):
         by, bx = y0 // block, x0 // block
         means[by : by + r[2].shape[0], bx : bx + r[2].shape[1]] = r[2]
         tissue[by : by + r[2].shape[0], bx : bx + r[2].shape[1]] = r[3]
-        lo = min(lo, float(r[4]))
-    saturated = sum(int(r[5]) for r in results)
+    saturated = sum(r[4] for r in results)
     if saturated > 0.5 * height * width:
         raise ValueError(
             f"section is saturated: {saturated / (height * width):.0%} of pixels at the "
@@ -277,60 +339,83 @@ def detect_cells_tiled(
     if noise <= 0:
         return empty
     background = ndi.gaussian_filter(means, bg_sigma / block, mode="nearest")
-    otsu = _otsu(values) if len(values) else 0.0
-    default_threshold = 3.0 if method == "watershed" else 6.0
-    options = {
-        k: v
-        for k, v in kw.items()
-        if k not in ("background_um", "noise", "threshold", "min_sigma_px")
-    }
+    bright_range = float(np.percentile(values, 99.9) - np.median(values)) if len(values) else 0.0
+    threshold = float(kw.get("threshold", 6.0))
+    unit = kw.get("threshold_unit", "noise")
+    if unit not in ("noise", "spread"):
+        raise ValueError(f"threshold_unit must be 'noise' or 'spread', not {unit!r}")
+    min_brightness = float(kw.get("min_brightness", 0.0))
+    options = {k: v for k, v in kw.items() if k not in _SHARED_OPTIONS}
     if method == "trained":
         from ._detectors import load_model
 
         options["model"] = load_model(options.get("model"))
+    coarse_pixels = -(-height // factor) * -(-width // factor)
     ctx = Context(
         height=height,
         width=width,
-        pixel_size_um=float(pixel_size_um),
-        cell_diameter_um=float(cell_diameter_um),
+        pixel_size_um=pixel_size_um,
+        cell_diameter_um=cell_diameter_um,
         radius_px=radius_px,
         sigma=sigma,
         factor=factor,
         block=block,
-        threshold=float(kw.get("threshold", default_threshold)),
+        threshold=threshold,
         noise=float(noise),
         background=background,
         tissue=tissue,
-        otsu=otsu,
         options=options,
+        scales=scales if method != "trained" else _model_scales(options),
+        sample_step=max(1, math.ceil(math.sqrt(coarse_pixels / _RESPONSE_SAMPLE))),
+        bright_range=max(bright_range, 1e-12),
+        median=float(np.median(values)) if len(values) else 0.0,
     )
     if overlap is None:
-        reach = int(4 * _coarse_sigma(sigma, factor) * 2 + 0.5) * factor  # up to 2 σ for features
-        overlap = max(reach, int(3 * radius_px)) + 2 * factor + 2
+        sigma_c = _coarse_sigma(sigma * max(ctx.scales), factor)
+        reach = int(4 * sigma_c * 2 + 0.5) * factor  # up to 2 σ for features
+        overlap = max(reach, int(3 * radius_px * max(ctx.scales))) + 2 * factor + 2
     overlap = factor * -(-int(overlap) // factor)
     detector = _detector(method)
 
-    def detect(core: tuple[int, int, int, int]) -> pd.DataFrame | None:
+    sample_response = method in ("log", "watershed") and unit == "spread"
+
+    def detect(core: tuple[int, int, int, int]) -> tuple[pd.DataFrame | None, np.ndarray | None]:
         y0, y1, x0, x1 = core
         if not tissue[y0 // block : -(-y1 // block), x0 // block : -(-x1 // block)].any():
-            return None
+            return None, None
         wy0, wy1 = max(0, y0 - overlap), min(height, y1 + overlap)
         wx0, wx1 = max(0, x0 - overlap), min(width, x1 + overlap)
         data = _read(array, wy0, wy1, wx0, wx1)
-        cells = detector(data, wy0, wx0, ctx)
+        cells, response = detector(data, wy0, wx0, ctx)
+        samples = _grid_samples(response, wy0, wx0, core, ctx) if sample_response else None
         if cells is None or len(cells) == 0:
-            return None
+            return None, samples
         keep = (cells["y"] >= y0 - 0.5) & (cells["y"] < y1 - 0.5)
         keep &= (cells["x"] >= x0 - 0.5) & (cells["x"] < x1 - 0.5)
         keep &= ctx.in_tissue(cells["x"].to_numpy(), cells["y"].to_numpy())
-        return cells[keep.to_numpy()]
+        return cells[keep.to_numpy()], samples
 
-    frames = [f for f in _map(detect, cores, workers) if f is not None and len(f)]
+    found = _map(detect, cores, workers)
+    frames = [f for f, _ in found if f is not None and len(f)]
     if not frames:
         return empty
     cells = pd.concat(frames, ignore_index=True)
+    if sample_response:
+        samples = np.concatenate([s for _, s in found if s is not None])
+        # on white noise the spread is 1 (noise units) but a small image's estimate scatters
+        # by ~10 %: the margin keeps the unit at the pixel noise's there
+        spread = max(1.0, robust_spread(samples) - 0.25)
+        cells = cells[cells["response"].to_numpy() >= threshold * spread]
+    if min_brightness > 0:
+        above = cells["intensity"].to_numpy() - cells["background"].to_numpy()
+        cells = cells[above >= min_brightness * ctx.bright_range]
     cells = cells.sort_values(["y", "x"], kind="stable").reset_index(drop=True)
     return cells[list(columns)]
+
+
+def _model_scales(options: dict[str, Any]) -> tuple[float, ...]:
+    model = options.get("model")
+    return tuple(getattr(model, "scales", (1.0,))) if model is not None else (1.0,)
 
 
 def _columns(method: str) -> tuple[str, ...]:
@@ -345,14 +430,25 @@ def _columns(method: str) -> tuple[str, ...]:
     return DETECTION_COLUMNS
 
 
-def _detector(method: str) -> Callable[[np.ndarray, int, int, Context], pd.DataFrame | None]:
+Detector = Callable[[np.ndarray, int, int, Context], tuple[pd.DataFrame | None, np.ndarray | None]]
+
+
+def _detector(method: str) -> Detector:
+    """The window function of ``method``: cells and, for ``log`` and ``watershed``, the LoG
+    response (noise units)."""
     if method == "log":
-        return lambda data, y0, x0, ctx: log_window(data, y0, x0, ctx)[0]
+
+        def log(data: np.ndarray, y0: int, x0: int, ctx: Context) -> Any:
+            cells, extra = log_window(data, y0, x0, ctx)
+            return cells, extra["response"]
+
+        return log
     from . import _detectors
 
-    if method == "_candidates":
-        return _detectors.candidates_window
-    return _detectors.watershed_window if method == "watershed" else _detectors.trained_window
+    if method == "watershed":
+        return _detectors.watershed_window
+    window = _detectors.candidates_window if method == "_candidates" else _detectors.trained_window
+    return lambda data, y0, x0, ctx: (window(data, y0, x0, ctx), None)
 
 
 def _cores(height: int, width: int, step: int) -> Iterator[tuple[int, int, int, int]]:
@@ -368,11 +464,11 @@ def _map(func: Callable[[Any], Any], items: list[Any], workers: int) -> list[Any
         return list(pool.map(func, items))
 
 
-def _read(array: Any, y0: int, y1: int, x0: int, x1: int, *, raw: bool = False) -> np.ndarray:
+def _read(array: Any, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
     data = np.asarray(array[y0:y1, x0:x1])
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         raise ValueError("image contains NaN or infinite values; fill or mask them first")
-    return data if raw else data.astype(np.float32, copy=False)
+    return data
 
 
 def _saturated(data: np.ndarray, dtype: np.dtype) -> int:
@@ -410,17 +506,24 @@ def _value_sample(inner: np.ndarray, y0: int, stride: int) -> np.ndarray:
     return inner[(rows - 1) % stride == 0].ravel()[::4].astype(np.float32)
 
 
-def _block_stats(inner: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Block means, whether each block is non-constant, and the minimum of ``inner``."""
+def _block_stats(
+    inner: np.ndarray, block: int, factor: int, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Block means of ``inner`` (edge-padded), whether each block is non-constant, and the
+    number of pixels at the integer ``dtype``'s maximum."""
     h, w = inner.shape
     ph, pw = -h % block, -w % block
-    padded = np.pad(inner, ((0, ph), (0, pw)), mode="edge") if ph or pw else inner
+    padded = cv2.copyMakeBorder(inner, 0, ph, 0, pw, cv2.BORDER_REPLICATE) if ph or pw else inner
     hb, wb = padded.shape[0] // block, padded.shape[1] // block
     rows = padded.reshape(hb, block, padded.shape[1])
-    means = rows.sum(axis=1, dtype=np.float32).reshape(hb, wb, block).sum(axis=2) / block**2
     top = rows.max(axis=1).reshape(hb, wb, block).max(axis=2)
     bottom = rows.min(axis=1).reshape(hb, wb, block).min(axis=2)
-    return means, top > bottom, float(bottom.min())
+    # in two steps: OpenCV's area resize is fastest for small integer factors
+    means = block_mean(block_mean(padded, factor), block // factor)
+    saturated = 0
+    if np.issubdtype(dtype, np.integer) and (top >= np.iinfo(dtype).max).any():
+        saturated = _saturated(inner, dtype)
+    return means, top > bottom, saturated
 
 
 def _noise_from_residuals(residual: np.ndarray) -> float:
@@ -437,14 +540,6 @@ def _noise_from_residuals(residual: np.ndarray) -> float:
     return noise / _RESIDUAL_NORM
 
 
-def _otsu(values: np.ndarray) -> float:
-    from skimage.filters import threshold_otsu
-
-    if values.min() == values.max():
-        return float(values.min())
-    return float(threshold_otsu(values))
-
-
 def _coarse_sigma(sigma: float, factor: int) -> float:
     """LoG scale on the ``factor`` block-mean image whose effective scale is ``sigma``: a box of
     ``factor`` pixels adds (factor² − 1)/12 to the variance."""
@@ -453,123 +548,186 @@ def _coarse_sigma(sigma: float, factor: int) -> float:
     return math.sqrt(max(sigma**2 - (factor**2 - 1) / 12, 0.25)) / factor
 
 
+# dtypes averaged as they are (OpenCV rounds uint16 means to the integer, an error below the
+# data's own quantisation); anything else is averaged as float32
+_NATIVE_AREA = (np.dtype(np.uint16), np.dtype(np.float32))
+
+
 def block_mean(data: np.ndarray, factor: int) -> np.ndarray:
-    """``factor``² block means (edge-padded to a multiple of ``factor``)."""
+    """``factor``² block means as float32 (edge-padded to a multiple of ``factor``)."""
+    if data.dtype not in _NATIVE_AREA:
+        data = data.astype(np.float32)
     if factor == 1:
-        return data
+        return data.astype(np.float32, copy=False)
     h, w = data.shape
     ph, pw = -h % factor, -w % factor
     if ph or pw:
-        data = np.pad(data, ((0, ph), (0, pw)), mode="edge")
-    hb, wb = data.shape[0] // factor, data.shape[1] // factor
-    rows = data[0::factor].copy()
-    for i in range(1, factor):
-        rows += data[i::factor]
-    out = rows.reshape(hb, wb, factor).sum(axis=2)
-    out *= np.float32(1 / factor**2)
-    return out
+        data = cv2.copyMakeBorder(data, 0, ph, 0, pw, cv2.BORDER_REPLICATE)
+    size = (data.shape[1] // factor, data.shape[0] // factor)
+    out = cv2.resize(data, size, interpolation=cv2.INTER_AREA)
+    return out.astype(np.float32, copy=False)
+
+
+# the 4-neighbour discrete Laplacian (cv2.Laplacian with ksize=1); it adds 1/6 px² of variance
+# along each axis, which the Gaussian before it leaves out
+_LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float64)
 
 
 @lru_cache(maxsize=64)
-def _log_kernels(sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
-    """Separable parts of the zero-sum, σ²-scaled LoG (bright blobs positive) and its L2 norm.
-
-    response = (g0 along y, then ``a`` along x) + (g2 along y, then ``b`` along x), with
-    ``a = −σ² g2 − leak g0`` and ``b = −σ² g0``. The sampled, truncated (4 σ) kernel does not
-    sum to 0 (≈ 10⁻³ for cells a few pixels across, 0.28 at σ = 0.5 px), so a flat background of
-    level b would add that times b to the response; ``leak`` removes it.
-    """
-    reach = int(4.0 * sigma + 0.5)
+def _log_kernel(sigma: float) -> tuple[np.ndarray, float]:
+    """The Gaussian (1-D, truncated at 4 σ, sums to 1) that, followed by the discrete Laplacian
+    and × −σ², gives the scale-normalised LoG at ``sigma`` (bright blobs positive); and the L2
+    norm of that combined 2-D kernel. The Laplacian stencil sums to 0, so a flat background
+    gives exactly 0 whatever the truncation."""
+    inner = math.sqrt(max(sigma**2 - 1 / 6, 0.09))
+    reach = max(1, int(4.0 * inner + 0.5))
     x = np.arange(-reach, reach + 1, dtype=np.float64)
-    g0 = np.exp(-0.5 * x**2 / sigma**2)
-    g0 /= g0.sum()
-    g2 = g0 * (x**2 / sigma**4 - 1 / sigma**2)
-    leak = -2 * sigma**2 * g2.sum()
-    a = -(sigma**2) * g2 - leak * g0
-    b = -(sigma**2) * g0
-    kernel = np.outer(g0, a) + np.outer(g2, b)
-    norm = float(np.sqrt(np.sum(kernel**2)))
-    f32 = np.float32
-    return g0.astype(f32), g2.astype(f32), a.astype(f32), b.astype(f32), norm
+    g = np.exp(-0.5 * x**2 / inner**2)
+    g /= g.sum()
+    combined = -(sigma**2) * ndi.convolve(np.pad(np.outer(g, g), 1), _LAPLACIAN)
+    return g.astype(np.float32), float(np.sqrt(np.sum(combined**2)))
 
 
 def log_response(data: np.ndarray, sigma: float) -> tuple[np.ndarray, float]:
-    """Zero-sum scale-normalised LoG of ``data`` (float32) and its kernel's L2 norm."""
-    g0, g2, a, b, norm = _log_kernels(float(sigma))
-    smooth_y = ndi.correlate1d(data, g0, axis=0, mode="reflect")
-    out = ndi.correlate1d(smooth_y, a, axis=1, mode="reflect")
-    ndi.correlate1d(data, g2, axis=0, output=smooth_y, mode="reflect")
-    out += ndi.correlate1d(smooth_y, b, axis=1, mode="reflect")
+    """Scale-normalised LoG of ``data`` (float32; mirrored edges) and its kernel's L2 norm."""
+    g, norm = _log_kernel(float(sigma))
+    smooth = cv2.sepFilter2D(data, cv2.CV_32F, g, g, borderType=cv2.BORDER_REFLECT)
+    out = cv2.Laplacian(smooth, cv2.CV_32F, ksize=1, borderType=cv2.BORDER_REFLECT)
+    out *= np.float32(-(sigma**2))
     return out, norm
+
+
+def _scale_responses(
+    coarse: np.ndarray, ctx: Context
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[float]]:
+    """The scale-normalised LoG response, its maximum over ``ctx.scales`` (where blobs and
+    their positions are found); the same response in noise units of the scale that gave it
+    (what the threshold applies to); the index of that scale (``None`` for one scale); and
+    each scale's coarse σ."""
+    sigmas = [_coarse_sigma(ctx.sigma * scale, ctx.factor) for scale in ctx.scales]
+    best, norm = log_response(coarse, sigmas[0])
+    if len(sigmas) == 1:
+        best *= np.float32(ctx.factor / (ctx.noise * norm))
+        return best, best, None, sigmas
+    units = best * np.float32(ctx.factor / (ctx.noise * norm))
+    which = np.zeros(best.shape, np.uint8)
+    for i, sigma_c in enumerate(sigmas[1:], start=1):
+        response, norm = log_response(coarse, sigma_c)
+        higher = response > best
+        which[higher] = i
+        units[higher] = response[higher] * np.float32(ctx.factor / (ctx.noise * norm))
+        np.maximum(best, response, out=best)
+    return best, units, which, sigmas
 
 
 def log_window(
     data: np.ndarray, y0: int, x0: int, ctx: Context, *, threshold: float | None = None
 ) -> tuple[pd.DataFrame | None, dict[str, Any]]:
     """LoG detections of one window at image offset ``(y0, x0)`` (``y0``, ``x0`` multiples of
-    ``ctx.factor``), in image coordinates, and the window's filtered images for reuse."""
+    ``ctx.factor``), in image coordinates, and the window's filtered images for reuse.
+
+    ``response`` (column and ``extra["response"]``) is in pixel-noise units."""
     f = ctx.factor
     coarse = block_mean(data, f)
-    sigma_c = _coarse_sigma(ctx.sigma, f)
-    response, norm = log_response(coarse, sigma_c)
-    extra = {"coarse": coarse, "response": response, "sigma_c": sigma_c}
-    noise_c = ctx.noise / f * norm
+    best, response, which, sigmas = _scale_responses(coarse, ctx)
+    extra: dict[str, Any] = {"coarse": coarse, "response": response, "sigma_c": sigmas[0]}
     thr = ctx.threshold if threshold is None else threshold
-    radius_c = ctx.radius_px / f
+    radius_c = ctx.radius_px * min(ctx.scales) / f
     size = max(3, int(2 * np.floor(radius_c) + 1))
-    above = response > thr * noise_c
-    if not above.any():
+    peaks = cv2.compare(response, np.float64(thr), cv2.CMP_GT)
+    if not cv2.countNonZero(peaks):
         return None, extra
-    peaks = above & (response == ndi.maximum_filter(response, size=size, mode="reflect"))
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (size, size))
+    local_max = cv2.dilate(best, kernel, borderType=cv2.BORDER_REFLECT)
+    cv2.bitwise_and(peaks, cv2.compare(best, local_max, cv2.CMP_GE), dst=peaks)
     # the image's outermost (coarse) pixels see half a neighbourhood: a maximum there is
     # one-sided (a blob cut by the edge, or a ramp towards it), so it is not reported
     gh, gw = -(-ctx.height // f), -(-ctx.width // f)
     cy0, cx0 = y0 // f, x0 // f
     if cy0 == 0:
-        peaks[0, :] = False
+        peaks[0, :] = 0
     if cx0 == 0:
-        peaks[:, 0] = False
+        peaks[:, 0] = 0
     if cy0 + peaks.shape[0] == gh:
-        peaks[-1, :] = False
+        peaks[-1, :] = 0
     if cx0 + peaks.shape[1] == gw:
-        peaks[:, -1] = False
-    ys, xs = np.nonzero(peaks)
-    if len(xs) == 0:
+        peaks[:, -1] = 0
+    points = cv2.findNonZero(peaks)
+    if points is None:
         return None, extra
-    dx, dy = _subpixel(response, ys, xs)
-    x = (xs + dx + 0.5) * f - 0.5
-    y = (ys + dy + 0.5) * f - 0.5
-    cells = peak_features(data, x, y, ctx)
-    cells.insert(0, "y", y + y0)
-    cells.insert(0, "x", x + x0)
-    cells["background"] = ctx.background_at(cells["x"].to_numpy(), cells["y"].to_numpy())
-    cells["contrast"] = (cells["intensity"] - cells["background"]) / max(ctx.noise, 1e-6)
-    cells["radius_um"] = ctx.cell_diameter_um / 2
-    cells["response"] = response[ys, xs] / noise_c
+    points = points.reshape(-1, 2).astype(np.intp)
+    xs, ys = points[:, 0], points[:, 1]
+    dx, dy = _subpixel(best, ys, xs)
+    x = (xs + dx + 0.5) * f - 0.5 + x0
+    y = (ys + dy + 0.5) * f - 0.5 + y0
+    intensity, mean = peak_features(coarse, ys, xs, ctx)
+    background = ctx.background_at(x, y)
+    scale = np.asarray(ctx.scales)[which[ys, xs]] if which is not None else ctx.scales[0]
+    cells = pd.DataFrame(
+        {
+            "x": x,
+            "y": y,
+            "intensity": intensity,
+            "mean_intensity": mean,
+            "background": background,
+            "contrast": (intensity - background) / max(ctx.noise, 1e-6),
+            "radius_um": ctx.cell_diameter_um / 2 * scale,
+            "response": response[ys, xs].astype(np.float64),
+        }
+    )
     extra["peaks"] = (ys, xs)
-    return cells[[*DETECTION_COLUMNS, "response"]], extra
+    return cells, extra
 
 
-def peak_features(data: np.ndarray, x: np.ndarray, y: np.ndarray, ctx: Context) -> pd.DataFrame:
+def _grid_samples(
+    response: np.ndarray, y0: int, x0: int, core: tuple[int, int, int, int], ctx: Context
+) -> np.ndarray:
+    """The response of a window at ``(y0, x0)`` on the coarse pixels ``(i, j)`` with
+    ``i, j ≡ 0 (mod ctx.sample_step)`` (image-wide coarse indices) that lie in the window's
+    ``core`` and in tissue, so every grid pixel is sampled once whatever the tiling."""
+    f, step = ctx.factor, ctx.sample_step
+    cy0, cx0 = y0 // f, x0 // f
+    cy1, cx1 = cy0 + response.shape[0], cx0 + response.shape[1]
+    core_y0, core_y1, core_x0, core_x1 = core
+    # coarse rows whose first pixel lies in the core
+    lo_y, hi_y = -(-core_y0 // f), -(-core_y1 // f)
+    lo_x, hi_x = -(-core_x0 // f), -(-core_x1 // f)
+    rows = np.arange(-(-max(lo_y, cy0) // step) * step, min(hi_y, cy1), step)
+    cols = np.arange(-(-max(lo_x, cx0) // step) * step, min(hi_x, cx1), step)
+    if len(rows) == 0 or len(cols) == 0:
+        return np.zeros(0, np.float32)
+    values = response[np.ix_(rows - cy0, cols - cx0)]
+    yy, xx = np.meshgrid(rows * f, cols * f, indexing="ij")
+    return values[ctx.in_tissue(xx, yy)].astype(np.float32)
+
+
+def robust_spread(samples: np.ndarray) -> float:
+    """1.4826 × the median absolute deviation (σ of Gaussian samples); 0 without samples."""
+    if len(samples) == 0:
+        return 0.0
+    return float(1.4826 * np.median(np.abs(samples - np.median(samples))))
+
+
+def peak_features(
+    coarse: np.ndarray, ys: np.ndarray, xs: np.ndarray, ctx: Context
+) -> tuple[np.ndarray, np.ndarray]:
     """Peak intensity (Gaussian σ/2 weighted) and mean intensity within one cell radius around
-    window positions ``(x, y)``, from small windows of ``data`` (edge-extended)."""
-    s = max(ctx.sigma / 2, 0.5)
-    k = max(int(4 * s + 0.5), int(np.ceil(ctx.radius_px)))
-    yi = np.clip(np.round(y).astype(int), 0, data.shape[0] - 1)
-    xi = np.clip(np.round(x).astype(int), 0, data.shape[1] - 1)
+    coarse pixels ``(ys, xs)`` of the block-mean image (edge-extended)."""
+    f = ctx.factor
+    s = _coarse_sigma(max(ctx.sigma / 2, 0.5), f)
+    radius_c = max(ctx.radius_px / f, 1.0)
+    k = int(np.ceil(max(3 * s, radius_c)))
     offs = np.arange(-k, k + 1)
-    rows = np.clip(yi[:, None, None] + offs[None, :, None], 0, data.shape[0] - 1)
-    cols = np.clip(xi[:, None, None] + offs[None, None, :], 0, data.shape[1] - 1)
-    patches = data[rows, cols]
+    rows = np.clip(ys[:, None, None] + offs[None, :, None], 0, coarse.shape[0] - 1)
+    cols = np.clip(xs[:, None, None] + offs[None, None, :], 0, coarse.shape[1] - 1)
+    patches = coarse[rows, cols]
     gauss = np.exp(-0.5 * offs**2 / s**2)
     gauss2 = np.outer(gauss, gauss)
     gauss2 /= gauss2.sum()
-    disk = (offs[:, None] ** 2 + offs[None, :] ** 2) <= max(ctx.radius_px, 1.0) ** 2
+    disk = (offs[:, None] ** 2 + offs[None, :] ** 2) <= radius_c**2
     intensity = np.einsum("nij,ij->n", patches, gauss2.astype(np.float32))
     mean = patches[:, disk].mean(axis=1)
-    return pd.DataFrame(
-        {"intensity": intensity.astype(np.float64), "mean_intensity": mean.astype(np.float64)}
-    )
+    return intensity.astype(np.float64), mean.astype(np.float64)
 
 
 def _subpixel(response: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, ...]:

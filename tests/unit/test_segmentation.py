@@ -242,3 +242,115 @@ def test_stardist_f1_at_defaults(stardist) -> None:
     assert precision >= 0.95
     assert recall >= 0.7
     assert f1 >= 0.8  # measured ≈ 0.86 (was 0.37 with the LoG-MAD noise estimate)
+
+
+# --- multi-scale, downsampling, spread unit, brightness -----------------------------------
+
+
+def _blobs(
+    centres: np.ndarray, diameters: np.ndarray, shape: tuple[int, int], *, amplitude: float = 150.0
+) -> np.ndarray:
+    """Gaussian cells (σ = diameter / 2 / 1.3) of the given diameters on background 100."""
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    image = np.full(shape, 100.0)
+    for (x, y), d in zip(centres, diameters, strict=True):
+        sigma = d / 2 / 1.3
+        image += amplitude * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
+    return image
+
+
+def test_multiscale_finds_cells_of_two_sizes_and_reports_their_size() -> None:
+    """Cells of 8 and 16 px diameter (nominal 11.3 px): with scales 0.7/1/1.4 every cell is
+    found at its centre, once, and the small ones get the small radius, the large the large."""
+    rng = np.random.default_rng(11)
+    grid = np.arange(24.0, 300.0, 36.0)
+    gx, gy = np.meshgrid(grid, grid)
+    centres = np.stack([gx.ravel(), gy.ravel()], 1) + rng.uniform(-2, 2, (gx.size, 2))
+    large = rng.random(len(centres)) < 0.5
+    image = _blobs(centres, np.where(large, 16.0, 8.0), (310, 310)) + rng.normal(0, 3, (310, 310))
+    found = detect_cells(image, pixel_size_um=1.0, cell_diameter_um=11.3, scales=(0.7, 1.0, 1.4))
+    recall, precision, dist = _match(_xy(found), centres, tol=2.0)
+    assert recall == 1.0 and precision == 1.0
+    assert dist.max() < 1.0
+    nearest = np.linalg.norm(_xy(found)[:, None] - centres[None], axis=2).argmin(axis=1)
+    radius = found["radius_um"].to_numpy()
+    assert radius[large[nearest]].min() > radius[~large[nearest]].max()
+    assert set(np.round(radius, 3)) <= {round(11.3 / 2 * s, 3) for s in (0.7, 1.0, 1.4)}
+
+
+def test_downsampled_path_finds_the_full_resolution_cells() -> None:
+    """24-px cells: the default LoG runs on 5×5 block means; forcing full resolution
+    (min_sigma_px large) finds the same cells, within 1 px of each other and 1.5 px of truth."""
+    rng = np.random.default_rng(12)
+    grid = np.arange(30.0, 370.0, 56.0)
+    gx, gy = np.meshgrid(grid, grid)
+    centres = np.stack([gx.ravel(), gy.ravel()], 1) + rng.uniform(-4, 4, (gx.size, 2))
+    image = _blobs(centres, np.full(len(centres), 24.0), (400, 400))
+    image += rng.normal(0, 4, image.shape)
+    kw = {"pixel_size_um": 1.0, "cell_diameter_um": 24.0}
+    coarse = detect_cells(image, **kw)
+    full = detect_cells(image, min_sigma_px=100.0, **kw)
+    for found in (coarse, full):
+        recall, precision, dist = _match(_xy(found), centres, tol=3.0)
+        assert recall == 1.0 and precision == 1.0
+        assert dist.max() < 1.5
+    recall, precision, dist = _match(_xy(coarse), _xy(full), tol=3.0)
+    assert recall == 1.0 and precision == 1.0
+    assert dist.max() < 1.0
+
+
+def _textured(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bright cells (amplitude 300, 10 px) on a background whose cell-scale texture (σ 20
+    grey levels) dwarfs the pixel noise (σ 1): texture maxima are many noise units high."""
+    rng = np.random.default_rng(seed)
+    shape = (320, 320)
+    texture = ndi.gaussian_filter(rng.normal(0, 1, shape), 3.0)
+    texture *= 20 / texture.std()
+    grid = np.arange(25.0, 300.0, 45.0)
+    gx, gy = np.meshgrid(grid, grid)
+    centres = np.stack([gx.ravel(), gy.ravel()], 1) + rng.uniform(-3, 3, (gx.size, 2))
+    image = _blobs(centres, np.full(len(centres), 10.0), shape, amplitude=300.0)
+    return image + texture + rng.normal(0, 1, shape), centres
+
+
+def test_spread_unit_keeps_cells_and_drops_texture() -> None:
+    """In noise units the texture gives many false cells; in spread units (the response's
+    robust spread over the image) only the cells stand out."""
+    image, centres = _textured(13)
+    kw = {"pixel_size_um": 1.0, "cell_diameter_um": DIAMETER_UM}
+    noise_unit = detect_cells(image, **kw)
+    assert len(noise_unit) > 2 * len(centres)
+    spread_unit = detect_cells(image, threshold_unit="spread", **kw)
+    recall, precision, _ = _match(_xy(spread_unit), centres, tol=2.0)
+    assert recall == 1.0
+    assert precision >= 0.95
+
+
+def test_min_brightness_drops_dim_cells() -> None:
+    """Bright (amplitude 200) and dim (40) cells: min_brightness=0.5 of the image's bright
+    range (99.9th percentile − median) keeps exactly the bright ones."""
+    rng = np.random.default_rng(14)
+    grid = np.arange(20.0, 236.0, 24.0)
+    gx, gy = np.meshgrid(grid, grid)
+    centres = np.stack([gx.ravel(), gy.ravel()], 1) + rng.uniform(-2, 2, (gx.size, 2))
+    bright = rng.random(len(centres)) < 0.5
+    image = _blobs(centres[bright], np.full(bright.sum(), 10.0), (256, 256), amplitude=200.0)
+    image += _blobs(centres[~bright], np.full((~bright).sum(), 10.0), (256, 256), amplitude=40.0)
+    image += rng.normal(0, 2, image.shape) - 100
+    kw = {"pixel_size_um": 1.0, "cell_diameter_um": DIAMETER_UM}
+    recall, precision, _ = _match(_xy(detect_cells(image, **kw)), centres, tol=2.0)
+    assert recall == 1.0 and precision == 1.0
+    kept = detect_cells(image, min_brightness=0.5, **kw)
+    recall, precision, _ = _match(_xy(kept), centres[bright], tol=2.0)
+    assert recall == 1.0 and precision == 1.0
+
+
+def test_bad_options_raise() -> None:
+    image = np.random.default_rng(0).normal(100, 5, (64, 64))
+    kw = {"pixel_size_um": 1.0, "cell_diameter_um": DIAMETER_UM}
+    with pytest.raises(ValueError, match="threshold_unit"):
+        detect_cells(image, threshold_unit="snr", **kw)
+    with pytest.raises(ValueError, match="scales"):
+        detect_cells(image, scales=(), **kw)
+    with pytest.raises(ValueError, match="scales"):
+        detect_cells(image, scales=(1.0, -0.5), **kw)
