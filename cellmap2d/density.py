@@ -8,6 +8,7 @@ arrays of shape ``grid.shape`` indexed ``[ap, dv, ml]``.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,12 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from . import _density_compute as _compute
+
 __all__ = [
     "CCF_EXTENT_UM",
     "MIDLINE_UM",
+    "TAIL_MASS",
     "DensityFile",
     "Grid",
     "fold_volume",
@@ -31,13 +35,15 @@ __all__ = [
     "smooth",
     "type_densities",
     "write_densities",
+    "write_type_densities",
 ]
 
 CCF_EXTENT_UM: tuple[float, float, float] = (13200.0, 8000.0, 11400.0)
 MIDLINE_UM: float = 5700.0
 _FORMAT = "cellmap2d-densities"
 _FORMAT_VERSION = 1
-_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter default
+TAIL_MASS: float = 1e-6
+"""Default share of each type's mass that may be dropped from its smallest voxel values."""
 
 
 @dataclass(frozen=True)
@@ -185,22 +191,17 @@ def fold_volume(volume: np.ndarray, grid: Grid) -> np.ndarray:
     return out
 
 
+def _fold_pairs(grid: Grid) -> _compute.FoldPairs:
+    return _compute.fold_pairs(grid.centers()[2], grid.voxel_um, MIDLINE_UM)
+
+
 def _fold_ml(out: np.ndarray, grid: Grid) -> None:
     """In place :func:`fold_volume` on any array whose last axis is the grid's full ML axis."""
-    ml = grid.centers()[2]
-    if out.shape[-1] != len(ml):
+    if out.shape[-1] != grid.shape[2]:
         raise ValueError(
-            f"last axis has {out.shape[-1]} voxels, expected the full ML axis {len(ml)}"
+            f"last axis has {out.shape[-1]} voxels, expected the full ML axis {grid.shape[2]}"
         )
-    src = np.flatnonzero(ml > MIDLINE_UM)
-    if src.size == 0:
-        return
-    dst = np.floor((2.0 * MIDLINE_UM - ml[src]) / grid.voxel_um).astype(np.int64)
-    ok = dst >= 0
-    moved = out[..., src[ok]].copy()
-    out[..., src] = 0
-    for j, d in enumerate(dst[ok]):
-        out[..., d] += moved[..., j]
+    _compute.fold_voxels(out, _fold_pairs(grid))
 
 
 def normalise(volume: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -234,6 +235,8 @@ def type_densities(
     sigma_um: float,
     fold_hemispheres: bool = False,
     dataset_weights: Mapping[str, float] | None = None,
+    tail_mass: float = TAIL_MASS,
+    workers: int | None = 1,
     progress: Callable[[str], None] | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Smoothed density of each cell type, one type at a time.
@@ -253,6 +256,13 @@ def type_densities(
     dataset_weights
         Weight per ``obs['dataset']`` value multiplying each cell's contribution (datasets not
         listed weigh 1). A key naming no dataset of ``cells`` raises ``ValueError``.
+    tail_mass
+        Per type, the smallest voxel values summing to at most this share of the type's mass are
+        set to 0 (far Gaussian tails; lets empty chunks be skipped and the rest compress). 0 keeps
+        every value.
+    workers
+        Processes computing types in parallel; None uses every available core, 1 computes in
+        this process.
     progress
         Called with a short message per type.
 
@@ -261,13 +271,85 @@ def type_densities(
     (str, numpy.ndarray)
         Type name (category order, types without cells skipped) and its float32 density of
         ``grid.shape``: smoothed (weighted) cell counts per voxel, not normalised; its sum is the
-        (weighted) number of the type's cells inside the grid.
+        (weighted) number of the type's cells inside the grid, less at most ``tail_mass`` of it.
+
+    Notes
+    -----
+    The Gaussian is that of :func:`smooth` (same kernel, truncation and reflecting edges), equal
+    up to float32 rounding; each type is computed on its cells' bounding box grown by the kernel
+    radius.
     """
     say = progress or (lambda _msg: None)
+    jobs = _type_jobs(cells, level, grid, sigma_um, fold_hemispheres, dataset_weights, tail_mass)
+    boxes = _run(_compute.type_box, [job.args for job in jobs], workers, ordered=True)
+    for done, (job, box) in enumerate(zip(jobs, boxes, strict=True), start=1):
+        say(f"{level} {done}/{len(jobs)}: {job.name} ({job.n_cells} cells)")
+        yield job.name, box.full(grid.shape)
+
+
+def write_type_densities(
+    path: str | Path,
+    cells: Any,
+    *,
+    level: str = "subclass",
+    grid: Grid,
+    sigma_um: float,
+    fold_hemispheres: bool = False,
+    dataset_weights: Mapping[str, float] | None = None,
+    tail_mass: float = TAIL_MASS,
+    workers: int | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> None:
+    """Compute every type's density and write them to one file, in parallel.
+
+    Same densities as :func:`type_densities` (see there for the parameters) and the same file as
+    :func:`write_densities` would write from them, with attr ``fold_hemispheres`` and
+    ``tail_mass`` set; each worker process also compresses its type's chunks, so only compressed
+    bytes reach the writer. ``workers=None`` uses every available core.
+    """
+    say = progress or (lambda _msg: None)
+    extra = {"fold_hemispheres": bool(fold_hemispheres), "tail_mass": float(tail_mass)}
+    clash = sorted(set(extra) & set(attrs or {}))
+    if clash:
+        raise ValueError(f"attrs may not set {clash}: they are written from the arguments")
+    extra.update(attrs or {})
+    jobs = _type_jobs(cells, level, grid, sigma_um, fold_hemispheres, dataset_weights, tail_mass)
+    chunks = _chunk_shape(grid)
+    tasks = [(*job.args, chunks) for job in jobs]
+    with _DensityWriter(path, grid=grid, level=level, sigma_um=sigma_um, attrs=extra) as out:
+        for done, (i, (count, encoded)) in enumerate(
+            _run(_compute.type_chunks, tasks, workers, ordered=False), start=1
+        ):
+            out.add_encoded(i, jobs[i].name, count, encoded)
+            say(f"{level} {done}/{len(jobs)}: {jobs[i].name} ({jobs[i].n_cells} cells)")
+
+
+@dataclass(frozen=True)
+class _TypeJob:
+    name: str
+    n_cells: int
+    args: tuple[Any, ...]  # for _compute.type_box
+
+
+def _type_jobs(
+    cells: Any,
+    level: str,
+    grid: Grid,
+    sigma_um: float,
+    fold_hemispheres: bool,
+    dataset_weights: Mapping[str, float] | None,
+    tail_mass: float,
+) -> list[_TypeJob]:
+    """Per type with cells (category order): its cells' voxels and weights, ready to compute."""
     if level not in cells.obs:
         raise ValueError(f"cells.obs has no column {level!r}; columns: {list(cells.obs.columns)}")
     if "ccf" not in cells.obsm:
         raise ValueError("cells.obsm has no 'ccf' (CCF µm (ap, dv, ml)) coordinates")
+    if not (sigma_um >= 0 and math.isfinite(sigma_um)):
+        raise ValueError(f"sigma_um must be >= 0, got {sigma_um!r}")
+    if not 0 <= tail_mass < 1:
+        raise ValueError(f"tail_mass must be in [0, 1), got {tail_mass!r}")
     labels = cells.obs[level]
     if not isinstance(labels.dtype, pd.CategoricalDtype):
         labels = labels.astype("category")
@@ -288,44 +370,61 @@ def type_densities(
     bounds = np.concatenate([[0], np.cumsum(n_per_type)])
     flat_sorted = flat[order]
     weights_sorted = None if weights is None else weights[order]
-    n_types = int((n_per_type > 0).sum())
-    done = 0
+    fold = _fold_pairs(grid) if fold_hemispheres else None
+    sigma_vox = sigma_um / grid.voxel_um
+    jobs = []
     for k, name in enumerate(names):
         lo, hi = bounds[k], bounds[k + 1]
         if hi == lo:
             continue
         w = None if weights_sorted is None else weights_sorted[lo:hi]
-        vol = _smoothed_type(flat_sorted[lo:hi], w, grid, sigma_um, fold_hemispheres)
-        done += 1
-        say(f"{level} {done}/{n_types}: {name} ({hi - lo} cells)")
-        yield name, vol
+        args = (flat_sorted[lo:hi], w, grid.shape, sigma_vox, fold, tail_mass)
+        jobs.append(_TypeJob(name, int(hi - lo), args))
+    return jobs
 
 
-def _smoothed_type(
-    flat: np.ndarray, weights: np.ndarray | None, grid: Grid, sigma_um: float, fold: bool
-) -> np.ndarray:
-    """Histogram + Gaussian of one type, computed on the cells' bounding box grown by the kernel
-    radius (exact: the truncated kernel is zero beyond it), float32 of ``grid.shape``."""
-    idx = np.stack(np.unravel_index(flat, grid.shape), axis=1)
-    radius = int(_TRUNCATE * sigma_um / grid.voxel_um + 0.5) + 1 if sigma_um > 0 else 0
-    lo = np.maximum(idx.min(axis=0) - radius, 0)
-    hi = np.minimum(idx.max(axis=0) + radius + 1, grid.shape)
-    if fold:  # the midline reflection needs the full ML axis
-        lo[2], hi[2] = 0, grid.shape[2]
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-    shape = tuple(int(b - a) for a, b in zip(lo, hi, strict=True))
-    local = np.ravel_multi_index(tuple((idx - lo).T), shape)
-    hist = np.bincount(local, weights=weights, minlength=int(np.prod(shape)))
-    hist = hist.astype(np.float32).reshape(shape)
-    if sigma_um > 0:
-        hist = ndimage.gaussian_filter(
-            hist, sigma=sigma_um / grid.voxel_um, mode="reflect", truncate=_TRUNCATE
+def _run(
+    function: Callable[..., Any],
+    tasks: list[tuple[Any, ...]],
+    workers: int | None,
+    *,
+    ordered: bool,
+) -> Iterator[Any]:
+    """``function(*task)`` for each task, in a process pool when ``workers`` > 1.
+
+    Ordered: the results in task order; unordered: ``(task index, result)`` as they finish.
+    """
+    n = _n_workers(workers)
+    if n == 1 or len(tasks) <= 1:
+        results = (function(*task) for task in tasks)
+        yield from results if ordered else enumerate(results)
+        return
+    import joblib
+
+    if ordered:
+        yield from joblib.Parallel(n_jobs=n, return_as="generator", max_nbytes=None)(
+            joblib.delayed(function)(*task) for task in tasks
         )
-    if fold:
-        _fold_ml(hist, grid)
-    out = np.zeros(grid.shape, dtype=np.float32)
-    out[box] = hist
-    return out
+    else:
+        yield from joblib.Parallel(n_jobs=n, return_as="generator_unordered", max_nbytes=None)(
+            joblib.delayed(_indexed)(i, function, task) for i, task in enumerate(tasks)
+        )
+
+
+def _indexed(i: int, function: Callable[..., Any], task: tuple[Any, ...]) -> tuple[int, Any]:
+    return i, function(*task)
+
+
+def _n_workers(workers: int | None) -> int:
+    if workers is None:
+        return (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1
+        )
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1 or None (all cores), got {workers!r}")
+    return int(workers)
 
 
 def _cell_weights(cells: Any, dataset_weights: Mapping[str, float] | None) -> np.ndarray | None:
@@ -362,65 +461,114 @@ def write_densities(
 ) -> None:
     """Write type densities to one HDF5 file, one type at a time.
 
-    Layout: ``/types/<i>`` (i = 0, 1, …) chunked, gzip-compressed float32 datasets of
-    ``grid.shape`` with attrs ``name`` (any string, may contain ``/``) and ``count`` (sum of the
-    volume = (weighted) cells of the type inside the grid); root attrs ``format``, ``voxel_um``,
-    ``extent_um``, ``shape``, ``level``, ``sigma_um``, ``names`` and any extra ``attrs``
-    (e.g. ``fold_hemispheres``). Names must be unique.
+    Layout: ``/types/<i>`` (i = 0, 1, …) chunked (64³), Blosc-compressed (byte shuffle + LZ4;
+    an ``hdf5plugin`` filter, so readers other than :class:`DensityFile` need ``import
+    hdf5plugin``) float32 datasets of ``grid.shape`` with attrs ``name`` (any string, may
+    contain ``/``) and ``count`` (sum of the volume = (weighted) cells of the type inside the
+    grid); chunks without mass are not written (they read as the fill value 0). Root attrs
+    ``format``, ``voxel_um``, ``extent_um``, ``shape``, ``level``, ``sigma_um``, ``names``,
+    ``n_types`` and any extra ``attrs`` (e.g. ``fold_hemispheres``). Names must be unique.
+    Values are written as given (float32); :func:`write_type_densities` computes and writes
+    in parallel.
     """
-    path = Path(path)
-    reserved = {"format", "format_version", "voxel_um", "extent_um", "shape", "level", "sigma_um"}
-    extra = dict(attrs or {})
-    clash = sorted(reserved & set(extra))
-    if clash:
-        raise ValueError(f"attrs may not override reserved attribute(s) {clash}")
-    chunks = tuple(min(n, 64) for n in grid.shape)
-    names: list[str] = []
-    with h5py.File(path, "w") as f:
-        f.attrs["format"] = _FORMAT
-        f.attrs["format_version"] = _FORMAT_VERSION
-        f.attrs["voxel_um"] = grid.voxel_um
-        f.attrs["extent_um"] = np.asarray(grid.extent_um, dtype=np.float64)
-        f.attrs["shape"] = np.asarray(grid.shape, dtype=np.int64)
-        f.attrs["level"] = str(level)
-        f.attrs["sigma_um"] = float(sigma_um)
-        for key, value in extra.items():
-            f.attrs[key] = value
-        group = f.create_group("types")
-        seen: set[str] = set()
-        for name, volume in items:
-            name = str(name)
-            if name in seen:
-                raise ValueError(f"type name {name!r} repeats in the densities written to {path}")
-            seen.add(name)
+    chunks = _chunk_shape(grid)
+    with _DensityWriter(path, grid=grid, level=level, sigma_um=sigma_um, attrs=attrs) as out:
+        for i, (name, volume) in enumerate(items):
             volume = np.asarray(volume)
             if volume.shape != grid.shape:
                 raise ValueError(
-                    f"density of {name!r} has shape {volume.shape}, expected grid shape {grid.shape}"
+                    f"density of {str(name)!r} has shape {volume.shape}, expected grid shape "
+                    f"{grid.shape} (writing {path})"
                 )
-            data = volume.astype(np.float32, copy=False)
-            dset = group.create_dataset(
-                str(len(names)),
-                shape=grid.shape,
-                dtype=np.float32,
-                chunks=chunks,
-                compression="gzip",
-                compression_opts=1,
-                shuffle=True,
-                fillvalue=0.0,
-            )
-            box = _bbox(data != 0)
-            if box is not None:  # chunks never written read as the fill value 0
-                dset[box] = data[box]
-            dset.attrs["name"] = name
-            dset.attrs["count"] = float(data.sum(dtype=np.float64))
-            names.append(name)
-        f.attrs["names"] = np.asarray(names, dtype=h5py.string_dtype())
-        f.attrs["n_types"] = len(names)
+            data = np.ascontiguousarray(volume, dtype=np.float32)
+            whole = _compute.TypeBox((0, 0, 0), grid.shape, data, float(data.sum(dtype=np.float64)))
+            out.add_encoded(i, name, whole.count, _compute.box_chunks(whole, grid.shape, chunks))
+
+
+def _chunk_shape(grid: Grid) -> tuple[int, int, int]:
+    return tuple(min(n, 64) for n in grid.shape)  # type: ignore[return-value]
+
+
+class _DensityWriter:
+    """An open density file taking pre-encoded chunks (see :func:`write_densities`)."""
+
+    _reserved = frozenset(
+        {"format", "format_version", "voxel_um", "extent_um", "shape", "level", "sigma_um"}
+        | {"names", "n_types"}
+    )
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        grid: Grid,
+        level: str,
+        sigma_um: float,
+        attrs: Mapping[str, Any] | None,
+    ) -> None:
+        self.path = Path(path)
+        extra = dict(attrs or {})
+        clash = sorted(self._reserved & set(extra))
+        if clash:
+            raise ValueError(f"attrs may not override reserved attribute(s) {clash}")
+        self.grid = grid
+        self.chunks = _chunk_shape(grid)
+        self.names: dict[int, str] = {}
+        self._file = h5py.File(self.path, "w")
+        a = self._file.attrs
+        a["format"] = _FORMAT
+        a["format_version"] = _FORMAT_VERSION
+        a["voxel_um"] = grid.voxel_um
+        a["extent_um"] = np.asarray(grid.extent_um, dtype=np.float64)
+        a["shape"] = np.asarray(grid.shape, dtype=np.int64)
+        a["level"] = str(level)
+        a["sigma_um"] = float(sigma_um)
+        for key, value in extra.items():
+            a[key] = value
+        self._group = self._file.create_group("types")
+
+    def __enter__(self) -> _DensityWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            if exc_type is None:
+                names = [self.names[i] for i in sorted(self.names)]
+                self._file.attrs["names"] = np.asarray(names, dtype=h5py.string_dtype())
+                self._file.attrs["n_types"] = len(names)
+        finally:
+            self._file.close()
+
+    def add_encoded(
+        self,
+        index: int,
+        name: str,
+        count: float,
+        encoded: list[tuple[tuple[int, int, int], bytes]],
+    ) -> None:
+        """Type number ``index`` from its chunks as HDF5 stores them (``_compute.encode_chunk``)."""
+        name = str(name)
+        if name in self.names.values():
+            raise ValueError(f"type name {name!r} repeats in the densities written to {self.path}")
+        self.names[index] = name
+        dset = self._group.create_dataset(
+            str(index),
+            shape=self.grid.shape,
+            dtype=np.float32,
+            chunks=self.chunks,
+            fillvalue=0.0,
+            **_compute.CHUNK_FILTERS,
+        )
+        for offset, data in encoded:
+            dset.id.write_direct_chunk(offset, data)
+        dset.attrs["name"] = name
+        dset.attrs["count"] = float(count)
 
 
 class DensityFile:
     """Read a file written by :func:`write_densities`, one type at a time.
+
+    Importing this module registers the ``hdf5plugin`` filters the files are compressed with.
 
     Attributes
     ----------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import luigi
 
 from cellmap2d.celltypes import read_abc
-from cellmap2d.density import Grid, type_densities, write_densities
+from cellmap2d.density import Grid, write_type_densities
 
 from ._base import StoreTask
 from ._config import atlas_cache_name, settings, source_atlas
@@ -47,6 +47,9 @@ class TypeDensities(StoreTask):
     level = luigi.Parameter()
     voxel_um = luigi.FloatParameter()
     sigma_um = luigi.FloatParameter()
+    workers = luigi.IntParameter(
+        default=0, significant=False, description="processes; 0 = all cores"
+    )
     relative_path = "celltypes/densities_{level}_{voxel_um:g}um.h5"
 
     def requires(self) -> AtlasCellTypes:
@@ -56,9 +59,13 @@ class TypeDensities(StoreTask):
         import anndata as ad
 
         cells = ad.read_h5ad(self.input().path)
-        grid = Grid(self.voxel_um)
-        items = type_densities(
-            cells, level=self.level, grid=grid, sigma_um=self.sigma_um, progress=self.progress
-        )
         with self.output().temporary_path() as tmp:
-            write_densities(tmp, items, grid=grid, level=self.level, sigma_um=self.sigma_um)
+            write_type_densities(
+                tmp,
+                cells,
+                level=self.level,
+                grid=Grid(self.voxel_um),
+                sigma_um=self.sigma_um,
+                workers=self.workers or None,
+                progress=self.progress,
+            )
