@@ -136,6 +136,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("benchmarks/out/registration_speed"))
     args = parser.parse_args()
+    import cellmap2d  # noqa: F401  (sets one ITK thread per process)
+
     print(f"ITK threads per process: {os.environ.get('ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS')}")
     started = time.perf_counter()
     world = build_world(args.work, args.sections)

@@ -11,9 +11,7 @@ Each section has its own in-plane affine placement (rotation, scale, shift).
    angles, then Nelder-Mead), every section placed in-plane by matching its tissue's centroid
    and covariance to the atlas plane's (re-fitted for every candidate plane: a fixed in-plane
    placement from the wrong plane hides the angle signal). Each section's in-plane affine is
-   then refined by ANTs, and the angles are fitted once more with those placements held fixed
-   (moment placement alone leaves them off by a few tenths of a degree), followed by a last ANTs
-   in-plane pass.
+   then refined by ANTs.
 4. Sections whose own best position disagrees with the series, that hold no tissue, or that
    match poorly are flagged, and still placed where the series puts them.
 """
@@ -292,7 +290,6 @@ def search_series(
         params,
         section_spacing_um,
         max_angle_deg,
-        placed=False,
         seeded=seed is not None,
     )
     say(f"{where}in-plane placement of each section")
@@ -301,13 +298,6 @@ def search_series(
         ap = params[0] + params[1] * s.z
         s.inplane = planes.moment_inplane(s, ap, tans)
         _fit_inplane(planes, s, ap, tans)
-    # Moment placement leaves the angles off by a few tenths of a degree; with every section
-    # now registered in-plane, the angles are fitted again on those fixed placements.
-    say(f"{where}re-fitting the cutting angles with the sections placed in-plane")
-    params = _fit_series(planes, good, params, section_spacing_um, max_angle_deg, placed=True)
-    tans = np.tan(np.radians(params[2:4]))
-    for s in prepared:
-        _fit_inplane(planes, s, params[0] + params[1] * s.z, tans)
     # A torn or folded section misleads its own moments and registration; its own best AP then
     # disagrees with the series. Such sections take the series' typical in-plane placement
     # (sections are imaged in the same frame), which the refinement step then adjusts.
@@ -415,56 +405,39 @@ def _fit_series(
     spacing: float,
     max_angle: float,
     *,
-    placed: bool,
     seeded: bool = False,
 ) -> np.ndarray:
     """Series line and angles maximising the mean NCC inside the tissue.
 
-    Each section is placed in-plane by its moments for every candidate plane. With ``placed``,
-    the sections keep their current (registered) placement and only the angles are refitted:
-    the line stays, because a registered placement has already absorbed the line's position and
-    refitting it then drifts (by ~0.7 % in step on phantoms). The angles are first searched on a
-    grid unless ``params`` already holds a good start (``placed`` or ``seeded``).
+    Each section is placed in-plane by its moments for every candidate plane. The angles are
+    first searched on a grid unless ``params`` already holds a good start (``seeded``).
     """
-    params = np.asarray(params, dtype=float)
     lo_step, hi_step = sorted(np.sign(params[1]) * spacing * np.array([0.8, 1.25]))
-    free = slice(2, 4) if placed else slice(0, 4)
 
-    def full(x: np.ndarray) -> np.ndarray:
-        p = params.copy()
-        p[free] = x
-        return p
-
-    def cost(x: np.ndarray) -> float:
-        p = full(x)
+    def cost(p: np.ndarray) -> float:
         if not (lo_step <= p[1] <= hi_step) or np.any(np.abs(p[2:]) > max_angle):
             return 1.0
         tans = np.tan(np.radians(p[2:4]))
         scores = []
         for s in good:
             ap = p[0] + p[1] * s.z
-            inplane = s.inplane if placed else planes.moment_inplane(s, ap, tans)
+            inplane = planes.moment_inplane(s, ap, tans)
             scores.append(planes.score(s, ap, tans, inplane, inner=True))
         return -float(np.mean(scores))
 
-    if placed or seeded:
-        start = params[free]
+    if seeded:
+        start = np.asarray(params, dtype=float)
     else:
         grid = np.arange(-max_angle, max_angle + 1e-9, 3.0)
         start = min((np.array([params[0], params[1], a, b]) for a in grid for b in grid), key=cost)
-    steps = np.array([100.0, 0.02 * abs(params[1]), 1.0, 1.0])[free]
+    simplex = np.vstack([start, start + np.diag([100.0, 0.02 * abs(start[1]), 1.0, 1.0])])
     result = minimize(
         cost,
         start,
         method="Nelder-Mead",
-        options={
-            "initial_simplex": np.vstack([start, start + np.diag(steps)]),
-            "xatol": 0.1,
-            "fatol": 1e-6,
-            "maxfev": 400,
-        },
+        options={"initial_simplex": simplex, "xatol": 0.1, "fatol": 1e-6, "maxfev": 400},
     )
-    return full(result.x if result.fun <= cost(start) else start)
+    return result.x if result.fun <= cost(start) else start
 
 
 def _fit_inplane(planes: _AtlasPlanes, sec: _Section, ap: float, tans: np.ndarray) -> None:
