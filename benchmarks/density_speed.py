@@ -58,7 +58,8 @@ SIGMA_UM = {25.0: 75.0, 50.0: 75.0, 100.0: 150.0}
 
 
 class PeakRss:
-    """Largest summed RSS (GB) of this process and its descendants, sampled in a thread."""
+    """Largest summed RSS (GB) of this process and its descendants, sampled in a thread
+    (which also samples their CPU time for :func:`tree_cpu_s`)."""
 
     def __init__(self, interval_s: float = 0.2) -> None:
         self.peak_gb = 0.0
@@ -69,6 +70,7 @@ class PeakRss:
     def _run(self, interval_s: float) -> None:
         while not self._stop.is_set():
             self.peak_gb = max(self.peak_gb, tree_rss_gb(os.getpid()))
+            _sample_cpu()
             self._stop.wait(interval_s)
 
     def stop(self) -> float:
@@ -109,20 +111,29 @@ def tree_rss_gb(root: int) -> float:
     return total / 1e6
 
 
-def tree_cpu_s() -> float:
-    """CPU seconds (user + system) of this process, its reaped children and its live
-    descendants (the worker processes)."""
-    ticks = 0
+_CPU_TICKS: dict[int, int] = {}
+
+
+def _sample_cpu() -> None:
+    """Record the CPU ticks of every live descendant (pool workers are reaped by the pool's
+    server process, not by us, so their time must be read while they live)."""
     for pid in _descendants(os.getpid()):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        ticks += sum(int(x) for x in fields[11:13])  # utime, stime
+        ticks = sum(int(x) for x in fields[11:13])  # utime, stime
         if pid == os.getpid():
             ticks += sum(int(x) for x in fields[13:15])  # cutime, cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
+        _CPU_TICKS[pid] = max(_CPU_TICKS.get(pid, 0), ticks)
+
+
+def tree_cpu_s() -> float:
+    """CPU seconds (user + system) of this process and every descendant seen so far (sampled
+    by :class:`PeakRss` while it runs)."""
+    _sample_cpu()
+    return sum(_CPU_TICKS.values()) / os.sysconf("SC_CLK_TCK")
 
 
 def load() -> str:

@@ -399,20 +399,36 @@ def _run(
         results = (function(*task) for task in tasks)
         yield from results if ordered else enumerate(results)
         return
-    import joblib
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    if ordered:
-        yield from joblib.Parallel(n_jobs=n, return_as="generator", max_nbytes=None)(
-            joblib.delayed(function)(*task) for task in tasks
-        )
-    else:
-        yield from joblib.Parallel(n_jobs=n, return_as="generator_unordered", max_nbytes=None)(
-            joblib.delayed(_indexed)(i, function, task) for i, task in enumerate(tasks)
-        )
-
-
-def _indexed(i: int, function: Callable[..., Any], task: tuple[Any, ...]) -> tuple[int, Any]:
-    return i, function(*task)
+    # A pool closed by its ``with`` block: a pool left for interpreter exit leaks its
+    # resources when the caller is a forked Luigi worker (which exits without cleanup).
+    # At most 2 tasks per worker are in flight, and each result is handed on as soon as it
+    # is done, so memory holds a few results, not all of them.
+    context = multiprocessing.get_context("forkserver")
+    queue = iter(enumerate(tasks))
+    done: dict[int, Any] = {}
+    following = 0
+    with ProcessPoolExecutor(max_workers=n, mp_context=context) as pool:
+        running: dict[Any, int] = {}
+        while True:
+            for i, task in queue:
+                running[pool.submit(function, *task)] = i
+                if len(running) >= 2 * n:
+                    break
+            if not running:
+                return
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                i = running.pop(future)
+                if not ordered:
+                    yield i, future.result()
+                    continue
+                done[i] = future.result()
+                while following in done:
+                    yield done.pop(following)
+                    following += 1
 
 
 def _n_workers(workers: int | None) -> int:
