@@ -255,7 +255,9 @@ def _report_demo(world, store: Path) -> None:
                 f"[{row.fraction_low:.1%}, {row.fraction_high:.1%}]{mark}"
             )
     print(f"\nOutputs in {store}:")
-    print("  brains/<id>/cells.h5ad, identity.csv, anchoring.json (QuickNII/VisuAlign), qc/")
+    print(
+        "  brains/<id>/cells.h5ad, identity.csv, anchoring.json, quicknii/ (opens in QuickNII/VisuAlign), qc/"
+    )
     print("  cohort/identity.csv, cohort/mapmysections.csv")
     print(f"  phantom world and its truth: {world.root}")
 
