@@ -744,24 +744,10 @@ def search_series(thumbnails, sections, **kwargs):  # noqa: ANN001, ANN201
     return _search(thumbnails, sections, **kwargs)
 
 
-_DEEPSLICE_NAMES = frozenset(
-    {
-        "DEEPSLICE_WEIGHTS",
-        "SeriesSeed",
-        "check_deepslice",
-        "run_deepslice",
-        "section_image_name",
-        "series_seed",
-        "write_quicknii_folder",
-        "write_section_images",
-    }
-)
-
-
 def __getattr__(name: str) -> Any:
     # The DeepSlice adapter (``._deepslice``) builds on the QUINT types above.
-    if name in _DEEPSLICE_NAMES:
-        from . import _deepslice
+    from . import _deepslice
 
+    if name in _deepslice.__all__:
         return getattr(_deepslice, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
