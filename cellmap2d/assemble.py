@@ -16,7 +16,13 @@ from .atlas import Atlas
 from .io import from_level0, to_level0
 from .registration import Refinement
 
-__all__ = ["SectionPlacement", "brain_anndata", "map_section_points", "section_grid_ccf"]
+__all__ = [
+    "SectionPlacement",
+    "attach_identity",
+    "brain_anndata",
+    "map_section_points",
+    "section_grid_ccf",
+]
 
 
 @dataclass
@@ -99,6 +105,23 @@ def brain_anndata(
         **dict(provenance or {}),
     }
     return adata
+
+
+def attach_identity(adata: ad.AnnData, identity: pd.DataFrame) -> ad.AnnData:
+    """The brain's AnnData with its identity table in ``uns['identity']`` (rank order).
+
+    ``identity`` is the table `identity.brain_identity` returns (``identity.csv``): one row per
+    type with ``type``, ``rank``, ``fraction`` and the scores. ``adata`` is not modified.
+    """
+    missing = {"type", "rank", "fraction"} - set(identity.columns)
+    if missing:
+        raise ValueError(f"identity table lacks columns {sorted(missing)}")
+    table = identity.sort_values("rank", kind="stable").reset_index(drop=True)
+    table["type"] = table["type"].astype(str)
+    table.index = table.index.astype(str)  # AnnData writes string indices without a warning
+    out = adata.copy()
+    out.uns["identity"] = table
+    return out
 
 
 def _section_qc(placements: Mapping[int, SectionPlacement]) -> dict[str, np.ndarray]:

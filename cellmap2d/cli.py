@@ -220,7 +220,6 @@ def configure_world(world, store: Path) -> None:
 
 def _report_demo(world, store: Path) -> None:
     import anndata as ad
-    import pandas as pd
 
     from .synthetic import evaluate_mapping
 
@@ -229,9 +228,9 @@ def _report_demo(world, store: Path) -> None:
     print("\nPer brain: top five inferred types (fraction, 95% CI) next to the planted truth")
     for brain in config.brains:
         bid = brain.brain_id
-        table = pd.read_csv(store / "brains" / bid / "identity.csv")
         truth = mixtures[mixtures["brain_id"] == bid]
         cells = ad.read_h5ad(store / "brains" / bid / "cells.h5ad")
+        table = cells.uns["identity"]  # the same table as identity.csv
         quality = evaluate_mapping(
             cells.obs[["x_px", "y_px"]].to_numpy(),
             cells.obs["section"].to_numpy(),
@@ -256,7 +255,8 @@ def _report_demo(world, store: Path) -> None:
             )
     print(f"\nOutputs in {store}:")
     print(
-        "  brains/<id>/cells.h5ad, identity.csv, anchoring.json, quicknii/ (opens in QuickNII/VisuAlign), qc/"
+        "  brains/<id>/cells.h5ad (identity in uns['identity']), identity.csv, anchoring.json,"
+        " quicknii/ (opens in QuickNII/VisuAlign), qc/"
     )
     print("  cohort/identity.csv, cohort/mapmysections.csv")
     print(f"  phantom world and its truth: {world.root}")

@@ -4,9 +4,9 @@ Run with the ``cellmap2d`` command, or ``python -m luigi --module tasks Pipeline
 """
 
 from ._config import cellmap2d
-from .brain import AnchorSeries, BrainCells, BrainQC, QuickNIIFolder, SectionQC, SectionsTable
+from .brain import AnchorSeries, BrainQC, MappedCells, QuickNIIFolder, SectionQC, SectionsTable
 from .celltypes import AtlasCellTypes, PrepareAtlas, TypeDensities
-from .cohort import BrainReport, ChallengeTable, CohortIdentity, Identity, Pipeline
+from .cohort import BrainCells, BrainReport, ChallengeTable, CohortIdentity, Identity, Pipeline
 from .sections import DetectCells, ReadSection, RefineSection, SectionThumbnail
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "CohortIdentity",
     "DetectCells",
     "Identity",
+    "MappedCells",
     "Pipeline",
     "PrepareAtlas",
     "QuickNIIFolder",

@@ -1,4 +1,4 @@
-"""Per-brain tasks: anchor the series, assemble the brain's cells, QC figure."""
+"""Per-brain tasks: anchor the series, map the brain's cells into the CCF, QC figures."""
 
 from __future__ import annotations
 
@@ -179,12 +179,13 @@ def placement_inputs(brain_id: str) -> dict[str, object]:
     }
 
 
-class BrainCells(StoreTask):
-    """The brain's AnnData: every detected cell in CCF µm with its atlas region."""
+class MappedCells(StoreTask):
+    """Every detected cell in CCF µm with its atlas region: ``cells.h5ad`` before the identity
+    table is attached (what `Identity` reads)."""
 
     brain_id = luigi.Parameter()
     depends_on_anchoring = True
-    relative_path = "brains/{brain_id}/cells.h5ad"
+    relative_path = "brains/{brain_id}/cells_mapped.h5ad"
 
     def requires(self) -> dict[str, object]:
         return {**placement_inputs(self.brain_id), "cells": per_section(DetectCells, self.brain_id)}
@@ -245,7 +246,7 @@ class BrainQC(StoreTask):
     relative_path = "brains/{brain_id}/qc/overview.png"
 
     def requires(self) -> dict[str, object]:
-        return {**placement_inputs(self.brain_id), "cells": BrainCells(brain_id=self.brain_id)}
+        return {**placement_inputs(self.brain_id), "cells": MappedCells(brain_id=self.brain_id)}
 
     def run(self) -> None:
         from cellmap2d.io import from_level0

@@ -1,4 +1,4 @@
-"""Identity per brain, and the tables joined over the cohort."""
+"""Identity per brain, the brain's AnnData with it, and the tables joined over the cohort."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from cellmap2d.anchoring import read_quint
+from cellmap2d.assemble import attach_identity
 from cellmap2d.density import DensityFile
 from cellmap2d.identity import brain_identity, challenge_table
 
@@ -15,8 +16,8 @@ from ._base import StoreTask
 from ._config import brain_sections, brain_spec, cached_atlas, manifest, settings, store
 from .brain import (
     AnchorSeries,
-    BrainCells,
     BrainQC,
+    MappedCells,
     QuickNIIFolder,
     SectionQC,
     SectionsTable,
@@ -41,7 +42,7 @@ class Identity(StoreTask):
 
     def requires(self) -> dict[str, luigi.Task]:
         return {
-            "cells": BrainCells(brain_id=self.brain_id),
+            "cells": MappedCells(brain_id=self.brain_id),
             "anchoring": AnchorSeries(brain_id=self.brain_id),
             "densities": densities_task(),
             "atlas": PrepareAtlas(),
@@ -76,6 +77,28 @@ class Identity(StoreTask):
             )
         with self.output().temporary_path() as tmp:
             table.to_csv(tmp, index=False)
+
+
+class BrainCells(StoreTask):
+    """The brain's AnnData (``cells.h5ad``): the mapped cells, and the identity table in
+    ``uns['identity']`` when an ABC atlas is configured (without one, cells only)."""
+
+    brain_id = luigi.Parameter()
+    depends_on_anchoring = True
+    relative_path = "brains/{brain_id}/cells.h5ad"
+
+    def requires(self) -> dict[str, luigi.Task]:
+        kw = {"brain_id": self.brain_id}
+        if settings().abc:
+            return {"cells": MappedCells(**kw), "identity": Identity(**kw)}
+        return {"cells": MappedCells(**kw)}
+
+    def run(self) -> None:
+        adata = ad.read_h5ad(self.input()["cells"].path)
+        if "identity" in self.input():
+            adata = attach_identity(adata, pd.read_csv(self.input()["identity"].path))
+        with self.output().temporary_path() as tmp:
+            adata.write_h5ad(tmp)
 
 
 class _CohortTable(StoreTask):
@@ -132,7 +155,13 @@ class BrainReport(luigi.WrapperTask):
     def requires(self) -> list[luigi.Task]:
         kw = {"brain_id": self.brain_id}
         sections = [SectionQC(section=z, **kw) for z in brain_sections(self.brain_id)]
-        return [Identity(**kw), BrainQC(**kw), SectionsTable(**kw), QuickNIIFolder(**kw), *sections]
+        return [
+            BrainCells(**kw),
+            BrainQC(**kw),
+            SectionsTable(**kw),
+            QuickNIIFolder(**kw),
+            *sections,
+        ]
 
 
 class Pipeline(luigi.WrapperTask):

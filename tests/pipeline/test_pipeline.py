@@ -96,6 +96,10 @@ def test_cells_h5ad_schema_and_accuracy(world, store: Path) -> None:
     np.testing.assert_allclose(
         adata.obsm["spatial"], obs[["x_px", "y_px"]].to_numpy() * world.config.pixel_size_um
     )
+    identity = pd.read_csv(store / "brains" / brain_id / "identity.csv")
+    pd.testing.assert_frame_equal(
+        adata.uns["identity"].reset_index(drop=True), identity, check_dtype=False
+    )
     provenance = adata.uns["cellmap2d"]
     assert provenance["brain_id"] == brain_id and "version" in provenance
     assert len(provenance["sections"]["section"]) == world.config.brains[0].n_sections
@@ -216,8 +220,9 @@ def test_hand_corrected_anchoring_reruns_only_downstream(world, store: Path) -> 
     upstream = [*folder.glob("cells/*.csv"), *folder.glob("thumbnails/*.npz")]
     downstream = [
         *folder.glob("transforms/*.npz"),
-        folder / "cells.h5ad",
+        folder / "cells_mapped.h5ad",
         folder / "identity.csv",
+        folder / "cells.h5ad",
         folder / "quicknii" / "anchoring.json",
         store / "cohort" / "mapmysections.csv",
     ]
