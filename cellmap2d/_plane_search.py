@@ -18,6 +18,8 @@ Each section has its own in-plane affine placement (rotation, scale, shift).
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -458,22 +460,24 @@ def _fit_inplane(planes: _AtlasPlanes, sec: _Section, ap: float, tans: np.ndarra
     _deterministic(ants, 1)
     fixed = ants.from_numpy(sec.image)
     moving = ants.from_numpy(rendered)
-    reg = ants.registration(
-        fixed,
-        moving,
-        type_of_transform="Affine",
-        aff_metric="GC",
-        initial_transform="identity",
-        aff_iterations=(100, 50),
-        aff_shrink_factors=(2, 1),
-        aff_smoothing_sigmas=(1, 0),
-    )
     # three frame points (row, col) → where the atlas render sees them → affine in µm
     h, w = sec.image.shape
     probe = np.array([[0.0, 0.0], [0.0, w - 1.0], [h - 1.0, 0.0]])
-    mapped = ants.apply_transforms_to_points(
-        2, pd.DataFrame({"x": probe[:, 0], "y": probe[:, 1]}), reg["fwdtransforms"]
-    )[["x", "y"]].to_numpy()
+    with tempfile.TemporaryDirectory(prefix="cellmap2d-ants-") as workdir:
+        reg = ants.registration(
+            fixed,
+            moving,
+            type_of_transform="Affine",
+            aff_metric="GC",
+            initial_transform="identity",
+            aff_iterations=(100, 50),
+            aff_shrink_factors=(2, 1),
+            aff_smoothing_sigmas=(1, 0),
+            outprefix=os.path.join(workdir, "aff_"),  # ANTs leaves its files in /tmp otherwise
+        )
+        mapped = ants.apply_transforms_to_points(
+            2, pd.DataFrame({"x": probe[:, 0], "y": probe[:, 1]}), reg["fwdtransforms"]
+        )[["x", "y"]].to_numpy()
     src = (probe[:, ::-1] + 0.5) * planes.pixel_um
     dst = (mapped[:, ::-1] + 0.5) * planes.pixel_um @ current[:, :2].T + current[:, 2]
     design = np.column_stack([src, np.ones(3)])

@@ -81,3 +81,20 @@ def test_refinement_of_real_section_raises_mask_dice(shared_data: Path):
     assert qc["mask_dice"] > 0.9, qc
     assert qc["similarity_affine"] > qc["similarity_anchoring"], qc
     assert qc["min_jacobian"] > 0, qc  # no folding
+
+
+def test_inplane_registration_leaves_no_ants_files(
+    shared_data: Path, planes: _AtlasPlanes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ANTs writes its transforms to the temp folder; hundreds of brains must not fill it."""
+    import tempfile
+
+    from cellmap2d._plane_search import _fit_inplane
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    image = _tif(shared_data / "sections" / "brainglobe" / "Atlas_Hipp.tif")
+    prepared, _ = _prepare([image], [0], 25.0, 75.0)
+    section = prepared[0]
+    _fit_inplane(planes, section, TRUE_AP_UM["Atlas_Hipp"], np.zeros(2))
+    assert section.inplane is not None and section.inplane.shape == (2, 3)
+    assert list(tmp_path.iterdir()) == []
