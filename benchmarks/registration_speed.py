@@ -8,8 +8,10 @@ Builds one phantom brain of ``--sections`` coronal sections (the size of a real 
 phantom's 50 µm atlas, 8 µm level-0 pixels, registration at 50 µm, as in the demo), then
 
 1. runs the pipeline up to the mapped cells (``cells_mapped.h5ad``) with two Luigi workers and
-   reports the wall time, split into the thumbnails, the anchoring (``AnchorSeries``, the whole series jointly), the
-   refinements (``RefineSection``) and the rest;
+   reports the wall time, split into the thumbnails, the anchoring (``AnchorSeries``, the whole
+   series jointly), the refinements (``RefineSection``) and the rest, then how far its planted
+   cells are mapped from their true CCF positions (the table of ``phantom_mapping.py``, on a
+   whole series' worth of sections instead of 18);
 2. times, in this process and on one core, ``registration.refine`` on ``--sample`` of the
    anchored sections next to the baseline a user would otherwise write — one plain
    ``ants.registration(type_of_transform="SyN")`` call on the same pair — as seconds per section
@@ -157,6 +159,11 @@ def main() -> None:
         f"\nEnd to end, one {n}-section brain, {args.workers} Luigi workers, load {os.getloadavg()[0]:.1f}"
     )
     print(steps.round(2).to_string(index=False))
+    from phantom_mapping import table as accuracy_table  # this script's folder is on sys.path
+
+    accuracy, _ = accuracy_table(store, world.root, f"{n} sections")
+    print(f"\nCCF error of planted cells on this {n}-section brain (µm; as phantom_mapping.py)")
+    print(accuracy.round(1).to_string(index=False))
     table = per_section_refinement(world, store, args.sample)
     print(f"\nRefinement per section, one core, {len(table)} sections sampled along the series")
     print(table.round(2).to_string(index=False))

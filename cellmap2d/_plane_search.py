@@ -12,8 +12,9 @@ Each section has its own in-plane affine placement (rotation, scale, shift).
    and covariance to the atlas plane's (re-fitted for every candidate plane: a fixed in-plane
    placement from the wrong plane hides the angle signal). Each section's in-plane affine is
    then refined by ANTs.
-4. Sections whose own best position disagrees with the series, that hold no tissue, or that
-   match poorly are flagged, and still placed where the series puts them.
+4. Sections whose own best position disagrees with the series, that hold no tissue, that hold
+   clearly less tissue than their atlas plane (torn), or that match poorly are flagged, and
+   still placed where the series puts them.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ __all__ = ["SeriesFit", "search_series"]
 _DV_PIVOT_UM = 4000.0
 _MIN_TISSUE_FRACTION = 0.01
 _POOR_NCC = 0.3
+# a section holding less than this share of the series' typical tissue area (relative to its
+# atlas plane) lost tissue: torn or folded. Intact phantom sections stay above 0.9, torn ones
+# (a fifth of the frame torn off) fall to 0.5–0.8.
+_DAMAGED_AREA = 0.85
 
 
 @dataclass
@@ -50,7 +55,9 @@ class SeriesFit:
     sections
         Per-section table: ``section``, ``ap_um`` (fitted, at the tissue centre),
         ``ap_alone_um`` (the section's own best coronal match), ``ncc`` (at the fitted plane),
-        ``flag`` (``""``, ``"empty"``, ``"disagrees"`` or ``"poor_match"``).
+        ``tissue_area`` (tissue area relative to the atlas plane's, over the series' median:
+        1 = typical), ``flag`` (``""``, ``"empty"``, ``"disagrees"``, ``"damaged"`` — less
+        than 0.85 of the typical tissue area, torn or folded — or ``"poor_match"``).
     params
         ``a0_um``, ``step_um`` (AP per section index), ``angle_ml_deg`` (AP changes along ML),
         ``angle_dv_deg`` (AP changes along DV), ``mean_ncc``.
@@ -119,11 +126,23 @@ class _AtlasPlanes:
     def centre_at(self, ap_um: float) -> np.ndarray | None:
         return self.centres[int(np.clip(round(ap_um / self.res), 0, len(self.centres) - 1))]
 
+    def inside_at(self, ap: float, tans: Sequence[float]) -> np.ndarray:
+        """Which canvas points of the plane lie in the brain."""
+        ml, dv = self.canvas
+        coords = np.stack([_plane_ap(ml, dv, ap, tans, self.midline), dv, ml]) / self.res
+        return ndi.map_coordinates(self.inside, coords, order=0) > 0.5
+
+    def area_ratio(self, sec: _Section, ap: float, tans: Sequence[float]) -> float:
+        """The section's tissue area over its atlas plane's brain area."""
+        ml, dv = self.canvas
+        canvas_cell = (ml[0, 1] - ml[0, 0]) * (dv[1, 0] - dv[0, 0])
+        brain = self.inside_at(ap, tans).sum() * canvas_cell
+        return float(sec.mask.sum() * self.pixel_um**2 / brain) if brain > 0 else np.nan
+
     def moment_inplane(self, sec: _Section, ap: float, tans: Sequence[float]) -> np.ndarray | None:
         """In-plane affine matching the tissue's centroid and covariance to the atlas plane's."""
         ml, dv = self.canvas
-        coords = np.stack([_plane_ap(ml, dv, ap, tans, self.midline), dv, ml]) / self.res
-        inside = ndi.map_coordinates(self.inside, coords, order=0) > 0.5
+        inside = self.inside_at(ap, tans)
         if inside.sum() < 10:
             return None
         centre_a, cov_a = _moments(np.stack([ml[inside], dv[inside]], axis=1))
@@ -296,17 +315,26 @@ def search_series(
     )
     say(f"{where}in-plane placement of each section")
     tans = np.tan(np.radians(params[2:4]))
+    area = {s.z: planes.area_ratio(s, params[0] + params[1] * s.z, tans) for s in prepared}
+    typical_area = np.nanmedian(list(area.values()))
+    damaged = {z for z, r in area.items() if r < _DAMAGED_AREA * typical_area}
     for s in prepared:
         ap = params[0] + params[1] * s.z
         s.inplane = planes.moment_inplane(s, ap, tans)
-        _fit_inplane(planes, s, ap, tans)
-    # A torn or folded section misleads its own moments and registration; its own best AP then
-    # disagrees with the series. Such sections take the series' typical in-plane placement
-    # (sections are imaged in the same frame), which the refinement step then adjusts.
-    typical = np.median([s.inplane for s in good], axis=0)
+        if s.z not in damaged:
+            _fit_inplane(planes, s, ap, tans)
+    # A torn or folded section misleads its own moments and registration (and its own best AP
+    # may disagree with the series). Such sections start from the series' typical in-plane
+    # placement (sections are imaged in the same frame); the refinement step adjusts it.
+    typical = np.median(
+        [s.inplane for s in good if s.z not in damaged and s.inplane is not None], axis=0
+    )
     for s, ok in zip(prepared, inlier, strict=True):
         if not ok:
             s.inplane = typical.copy()
+        elif s.z in damaged:
+            s.inplane = typical.copy()
+            _fit_inplane(planes, s, params[0] + params[1] * s.z, tans)
 
     a0, step, ang_ml, ang_dv = params
     tans = np.tan(np.radians([ang_ml, ang_dv]))
@@ -318,14 +346,18 @@ def search_series(
         sec = by_z.get(zi)
         if sec is None:
             ncc, flag, ap_alone, inplane, centre = np.nan, "empty", np.nan, typical, None
+            area_ratio = np.nan
         else:
             ncc = planes.score(sec, ap, tans)
             nccs.append(ncc)
             ap_alone = float(alone_by_z[zi])
             inplane, centre = sec.inplane, sec.centroid
+            area_ratio = area[zi] / typical_area
             flag = ""
             if abs(ap_alone - ap) > max(1.5 * abs(step), 500.0):
                 flag = "disagrees"
+            elif zi in damaged:
+                flag = "damaged"
             elif ncc < _POOR_NCC:
                 flag = "poor_match"
         anchor = _anchor(ap, tans, inplane, planes.midline, level0_shape, level0_pixel_um)
@@ -341,6 +373,7 @@ def search_series(
                 "ap_um": float(ap),
                 "ap_alone_um": ap_alone,
                 "ncc": float(ncc),
+                "tissue_area": float(area_ratio),
                 "flag": flag,
             }
         )

@@ -513,6 +513,7 @@ class WorldConfig:
                     first_ap_um=1500.0,
                     angles_deg=(1.5, -1.0),
                     missing=(4,),
+                    damaged=(7,),
                     n_labeled=12000,
                     seed=seed + 1,
                 ),

@@ -115,7 +115,7 @@ def test_cells_h5ad_schema_and_accuracy(world, store: Path) -> None:
     assert quality["median_um"] < 100.0, quality
 
 
-def test_anchoring_json_is_quint_and_flags_missing_section(world, store: Path) -> None:
+def test_anchoring_json_is_quint_and_flags_bad_sections(world, store: Path) -> None:
     brain = world.config.brains[0]
     path = store / "brains" / brain.brain_id / "anchoring.json"
     series = read_quint(path)
@@ -124,6 +124,10 @@ def test_anchoring_json_is_quint_and_flags_missing_section(world, store: Path) -
     flags = dict(zip(qc["section"], qc["flag"], strict=True))
     for missing in brain.missing:
         assert flags[missing] == "empty"
+    for torn in brain.damaged:
+        assert flags[torn] in ("damaged", "disagrees"), flags
+    intact = set(range(brain.n_sections)) - set(brain.missing) - set(brain.damaged)
+    assert all(flags[z] == "" for z in intact), flags
     truth = {a.nr: a for a in read_quint(world.truth_anchoring(brain.brain_id))}
     for a in series:
         if a.nr in truth:

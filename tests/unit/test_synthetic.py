@@ -20,7 +20,7 @@ from cellmap2d.synthetic import (
     phantom_atlas,
 )
 
-BRAIN = "7001"  # WorldConfig.tiny(): one brain, 10 sections, section 4 missing
+BRAIN = "7001"  # WorldConfig.tiny(): one brain, 10 sections, section 4 missing, 7 torn
 CCF_COLUMNS = ["ap_um", "dv_um", "ml_um"]
 LAYER_6A = {844: "MOp6a", 1038: "SSp-bfd6a", 33: "VISp6a"}
 
