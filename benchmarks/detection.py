@@ -103,6 +103,7 @@ def best_setting(items, run, grid) -> tuple[dict, list[tuple[float, float, float
     return best[1], best[2]
 
 
+SINGLE_SCALES = (0.7, 0.85)  # one LoG scale below the median cell size (blob_log: 0.5–1.4)
 MULTI_SCALE = (0.7, 1.0, 1.4)
 WIDE_SCALE = (0.7, 1.0, 1.4, 2.0)
 
@@ -119,7 +120,12 @@ def grids(sigma_px: float, quick: bool) -> dict[str, list[dict]]:
         {"sigma": sigma_px, "threshold": t, "num_sigma": 3, "ratio": 1.4} for t in blob_thresholds
     ]
     brightness = [0.0, 0.1, 0.2] if quick else [0.0, 0.1, 0.15, 0.2, 0.3]
-    scale_sets = ({}, {"scales": MULTI_SCALE}, {"scales": WIDE_SCALE})
+    scale_sets = (
+        {},
+        *({"scales": (s,)} for s in SINGLE_SCALES),
+        {"scales": MULTI_SCALE},
+        {"scales": WIDE_SCALE},
+    )
     log = [
         {"threshold": t, "min_brightness": b, **scales}
         for scales in scale_sets

@@ -137,7 +137,11 @@ def detect_cells(
     than that fraction of the image's bright range (99.9th percentile − median) above the
     background. Background is a Gaussian (``background_um``, default 10 cell diameters) of
     block means; blocks of constant value (zero padding, missing data) are not tissue and give
-    no cells. Maxima on the image's outermost pixels are not reported.
+    no cells. Cells cut by the image border are found when their centre lies inside the image
+    (a cell centred outside belongs to the abutting image): the filters mirror the image at
+    its border, and a maximum on the outermost pixels is kept only if the pixels across and
+    along the border fit a cell's profile (not a ramp or an edge of tissue running into the
+    border); cells within one radius of the border are placed by that fit.
 
     ``watershed``: markers = the ``log`` detections (same ``threshold``, ``threshold_unit``,
     ``scales``); watershed of the smoothed image from them, each cell being the pixels at least
@@ -288,7 +292,7 @@ def _detect_tiled(
 
     radius_px = cell_diameter_um / 2 / pixel_size_um
     sigma = max(radius_px / math.sqrt(2), 0.5)
-    factor = max(1, int(sigma // kw.get("min_sigma_px", 1.5)))
+    factor = max(1, int(sigma * min(scales) // kw.get("min_sigma_px", 1.5)))
     bg_sigma = kw.get("background_um") or 10 * cell_diameter_um
     bg_sigma /= pixel_size_um
     block = factor * max(1, round(bg_sigma / 4 / factor))
@@ -640,18 +644,8 @@ def log_window(
     kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (size, size))
     local_max = cv2.dilate(best, kernel, borderType=cv2.BORDER_REFLECT)
     cv2.bitwise_and(peaks, cv2.compare(best, local_max, cv2.CMP_GE), dst=peaks)
-    # the image's outermost (coarse) pixels see half a neighbourhood: a maximum there is
-    # one-sided (a blob cut by the edge, or a ramp towards it), so it is not reported
     gh, gw = -(-ctx.height // f), -(-ctx.width // f)
     cy0, cx0 = y0 // f, x0 // f
-    if cy0 == 0:
-        peaks[0, :] = 0
-    if cx0 == 0:
-        peaks[:, 0] = 0
-    if cy0 + peaks.shape[0] == gh:
-        peaks[-1, :] = 0
-    if cx0 + peaks.shape[1] == gw:
-        peaks[:, -1] = 0
     points = cv2.findNonZero(peaks)
     if points is None:
         return None, extra
@@ -660,9 +654,26 @@ def log_window(
     dx, dy = _subpixel(best, ys, xs)
     x = (xs + dx + 0.5) * f - 0.5 + x0
     y = (ys + dy + 0.5) * f - 0.5 + y0
+    scale = np.asarray(ctx.scales)[which[ys, xs]] if which is not None else ctx.scales[0]
+    scale = np.broadcast_to(np.asarray(scale, np.float64), x.shape)
+    # the image's outermost coarse pixels see half a neighbourhood (the filters mirror the
+    # image there): their maxima are checked, and maxima near the border re-placed, on the
+    # pixels themselves
+    edge = np.stack(
+        [
+            (cx0 + xs == 0) if cx0 == 0 else np.zeros(len(xs), bool),
+            (cx0 + xs == gw - 1) if cx0 + peaks.shape[1] == gw else np.zeros(len(xs), bool),
+            (cy0 + ys == 0) if cy0 == 0 else np.zeros(len(ys), bool),
+            (cy0 + ys == gh - 1) if cy0 + peaks.shape[0] == gh else np.zeros(len(ys), bool),
+        ]
+    )
+    ok, x, y = _border_cells(data, y0, x0, x, y, scale, edge, ctx)
+    if not ok.all():
+        xs, ys, x, y, scale = xs[ok], ys[ok], x[ok], y[ok], scale[ok]
+        if not len(xs):
+            return None, extra
     intensity, mean = peak_features(coarse, ys, xs, ctx)
     background = ctx.background_at(x, y)
-    scale = np.asarray(ctx.scales)[which[ys, xs]] if which is not None else ctx.scales[0]
     cells = pd.DataFrame(
         {
             "x": x,
@@ -677,6 +688,130 @@ def log_window(
     )
     extra["peaks"] = (ys, xs)
     return cells, extra
+
+
+# a cell cut by the border must explain its profiles at least this much better than a straight
+# line (a ramp or an edge running into the border) does: residual ratio
+_BORDER_FIT = 0.7
+
+
+def _border_cells(
+    data: np.ndarray,
+    y0: int,
+    x0: int,
+    x: np.ndarray,
+    y: np.ndarray,
+    scale: np.ndarray,
+    edge: np.ndarray,
+    ctx: Context,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Check and place the maxima next to the true image border on the window's pixels.
+
+    The filters mirror the image at its border, so a cell cut by the border is completed by its
+    mirror image and found; but a ramp or an edge of tissue running into the border also gives
+    a maximum on the outermost pixels, and a cell centred a little inside merges with its mirror
+    image there. So, for a maximum within one cell radius of a border, the profile across the
+    border (averaged over a few pixels along it) is fitted with a Gaussian of the cell's size
+    (σ = radius / 1.3) at a free centre plus a constant: the centre places the cell. A maximum on the outermost
+    (coarse) pixels (``edge``: left, right, top, bottom) is kept only if that fit puts the centre
+    inside the image (a cell centred outside belongs to the abutting image) and explains the
+    profile, and the profile along the border around it, at least ``_BORDER_FIT`` better than a
+    straight line.
+
+    Returns which maxima are kept, and their (re-placed) ``x``, ``y``.
+    """
+    keep = np.ones(len(x), bool)
+    x, y = x.copy(), y.copy()
+    sigma_t = ctx.radius_px * scale / 1.3  # a cell's profile, as a Gaussian
+    radius = ctx.radius_px * scale
+    near = edge.any(axis=0)
+    near |= np.minimum(x + 0.5, ctx.width - 0.5 - x) <= radius
+    near |= np.minimum(y + 0.5, ctx.height - 0.5 - y) <= radius
+    for i in np.flatnonzero(near):
+        for axis in (1, 0):  # x (left/right borders), then y (top/bottom)
+            pos, along = (x[i], y[i]) if axis == 1 else (y[i], x[i])
+            size, start = (ctx.width, x0) if axis == 1 else (ctx.height, y0)
+            for side in (0, 1):
+                dist = pos + 0.5 if side == 0 else size - 0.5 - pos
+                on_edge = edge[2 * (1 - axis) + side, i]
+                if dist > radius[i] and not on_edge:
+                    continue
+                if (side == 0 and start != 0) or (side == 1 and start + data.shape[axis] != size):
+                    continue
+                plane = data if axis == 1 else data.T
+                if side == 1:
+                    plane = plane[:, ::-1]
+                row = along - (y0 if axis == 1 else x0)
+                fit = _profile_fit(plane, row, sigma_t[i], radius[i])
+                if fit is None:
+                    keep[i] &= not on_edge
+                    continue
+                centre, good = fit
+                if on_edge and not (good and centre >= -0.5):
+                    keep[i] = False
+                    continue
+                if on_edge:
+                    # the profile along the border must be a peak too (not an edge of tissue)
+                    across = plane.T  # rows: pixels across the border; columns: along it
+                    side_fit = _profile_fit(
+                        across, 0.0, sigma_t[i], radius[i], centre_at=row, width=sigma_t[i] / 2
+                    )
+                    if side_fit is None or not side_fit[1]:
+                        keep[i] = False
+                        continue
+                if good:
+                    new = centre if side == 0 else size - 1 - centre
+                    if axis == 1:
+                        x[i] = new
+                    else:
+                        y[i] = new
+    return keep, x, y
+
+
+def _profile_fit(
+    plane: np.ndarray,
+    row: float,
+    sigma_t: float,
+    radius: float,
+    *,
+    centre_at: float | None = None,
+    width: float | None = None,
+) -> tuple[float, bool] | None:
+    """Fit ``B + A·exp(−(u − c)²/2σ²)`` to the profile along the columns of ``plane`` starting
+    at column 0 (``u`` = column index), averaged over the rows within ``width`` (default σ/2)
+    of ``row``; ``c`` free over [−1.5σ, radius] or, with ``centre_at``, within σ/2 of it (then
+    the profile covers ``centre_at`` ± (radius + 2.5σ)). Returns the best centre with ``A > 0``
+    and whether it fits ``_BORDER_FIT`` better than a straight line; ``None`` without pixels."""
+    half = max(1.0, sigma_t / 2) if width is None else width
+    r0, r1 = max(0, int(np.floor(row - half))), min(plane.shape[0], int(np.ceil(row + half)) + 1)
+    if r1 <= r0:
+        return None
+    reach = int(np.ceil(radius + 2.5 * sigma_t))
+    if centre_at is None:
+        c0, c1 = 0, min(plane.shape[1], reach)
+        centres = np.arange(-1.5 * sigma_t, radius + 1e-9, 0.05 * sigma_t)
+    else:
+        c0 = max(0, int(np.floor(centre_at - reach)))
+        c1 = min(plane.shape[1], int(np.ceil(centre_at + reach)) + 1)
+        centres = centre_at + np.arange(-0.5, 0.5 + 1e-9, 0.05) * sigma_t
+    if c1 - c0 < 4:
+        return None
+    profile = np.asarray(plane[r0:r1, c0:c1], np.float64).mean(axis=0)
+    u = np.arange(c0, c1, dtype=np.float64)
+    p = profile - profile.mean()
+    pp = float(p @ p)
+    uc = u - u.mean()
+    rss_line = pp - float(uc @ p) ** 2 / float(uc @ uc)
+    g = np.exp(-0.5 * ((u[None, :] - centres[:, None]) / sigma_t) ** 2)
+    g -= g.mean(axis=1, keepdims=True)
+    gp, gg = g @ p, np.einsum("ij,ij->i", g, g)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        amp = np.where(gg > 0, gp / gg, 0.0)
+        rss = np.where(amp > 0, pp - amp * gp, np.inf)
+    best = int(np.argmin(rss))
+    if not np.isfinite(rss[best]):
+        return float(centres[best]), False
+    return float(centres[best]), bool(rss[best] <= _BORDER_FIT * rss_line)
 
 
 def _grid_samples(

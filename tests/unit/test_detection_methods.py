@@ -121,6 +121,32 @@ def test_tiled_equals_untiled(options: dict) -> None:
     assert (matched >= 0).all()
 
 
+@pytest.mark.parametrize("diameter", [8.5, 24.0])  # LoG at full resolution / on 5× blocks
+def test_tiled_equals_untiled_with_cells_cut_by_the_border(diameter: float) -> None:
+    """Cells cut by every border (centres 0–3 px inside, one per 64-px tile along each
+    border, so tiles at the image border see them) and a ramp into the left border: tiled
+    (64² tiles, 2 workers) and untiled give the same cells, and the cut cells are found."""
+    shape = (300, 260)
+    rng = np.random.default_rng(9)
+    h, w = shape
+    cut = []
+    for k, along in enumerate(range(32, 260 - 20, 64)):
+        d = (0.0, 1.0, 2.0, 3.0)[k % 4]
+        cut += [(d, along), (w - 1 - d, along + 10), (along + 5, d), (along - 5, h - 1 - d)]
+    centres = np.array(cut, np.float64)
+    image = _field(centres, shape, sigma=diameter / 2 / 1.3, seed=9)
+    image += np.float32(1.5) * np.maximum(0, 40 - np.arange(w, dtype=np.float32))[None, :]
+    image += rng.normal(0, 1, shape).astype(np.float32)
+    kw = {"pixel_size_um": 1.0, "cell_diameter_um": diameter}
+    whole = detect_cells(image, **kw)
+    tiled = detect_cells_tiled(image, tile=64, workers=2, **kw)
+    assert len(tiled) == len(whole)
+    assert np.array_equal(tiled[["x", "y"]].to_numpy(), whole[["x", "y"]].to_numpy())
+    found = match_points(whole[["x", "y"]].to_numpy(), centres, diameter / 2)
+    assert (found >= 0).sum() == len(centres)  # every cut cell, nothing else
+    assert len(whole) == len(centres)
+
+
 def test_tiled_reads_a_plane_of_a_4d_zarr_and_downsampled_cells(tmp_path: Path) -> None:
     """A (c, z, y, x) zarr plane read lazily gives the numpy result; cells of 24 px (σ 8.5,
     LoG on 5×5 block means) are all found, within half a block (2.5 px) of their centres."""

@@ -116,9 +116,9 @@ def test_threshold_is_in_image_noise_units(diameter_px: float, noise: float) -> 
     assert len(detect_cells(image, threshold=2.5, **kwargs)) > 5  # the scale is not inflated
 
 
-def test_no_detections_on_the_outermost_pixels() -> None:
-    """A cell centred outside the frame (a sliver at the edge) is not reported on the edge;
-    one well inside the frame next to it still is."""
+def test_cell_centred_outside_the_frame_is_not_reported() -> None:
+    """A cell centred 2 px outside the frame (a sliver at the edge; it belongs to the abutting
+    image) is not reported; one well inside the frame next to it still is."""
     yy, xx = np.mgrid[0:64, 0:64]
     rng = np.random.default_rng(2)
     image = 100 + rng.normal(0, 2, xx.shape)
@@ -128,6 +128,69 @@ def test_no_detections_on_the_outermost_pixels() -> None:
     assert len(found) == 1
     assert found["x"].iloc[0] == pytest.approx(6.2, abs=0.3)
     assert found["y"].iloc[0] == pytest.approx(45.0, abs=0.3)
+
+
+def _cut_blobs(diameter: float, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian cells (σ = r/1.3, amplitude 150 over noise σ 2) cut by each of the four borders,
+    centred 0, 1.5 and 3 px inside the frame, 4 diameters apart, plus one interior cell;
+    returns the image and the true (x, y) centres."""
+    rng = np.random.default_rng(seed)
+    size = int(round(13 * diameter))
+    last = size - 1.0
+    along = tuple(diameter * k for k in (2.5, 6.5, 10.5))
+    inside = (0.0, 1.5, 3.0)
+    shift = diameter  # the top and bottom cells sit between the left and right ones
+    centres = [(d, a) for d, a in zip(inside, along, strict=True)]  # left
+    centres += [(last - d, a) for d, a in zip(inside, along[::-1], strict=True)]  # right
+    centres += [(a + shift, d) for d, a in zip(inside, along, strict=True)]  # top
+    centres += [(a - shift, last - d) for d, a in zip(inside, along[::-1], strict=True)]  # bottom
+    centres += [(size / 2, size / 2)]
+    truth = np.array(centres)
+    image = _blobs(truth, np.full(len(truth), diameter), (size, size))
+    return (image + rng.normal(0, 2, image.shape)).astype(np.float32), truth
+
+
+@pytest.mark.parametrize("diameter", [12.0, 30.0])  # LoG at full resolution / on 6× blocks
+def test_cells_cut_by_the_border_are_found_in_place(diameter: float) -> None:
+    """Cells whose centre lies 0–3 px inside the frame (half of them or more visible) on every
+    border are found, each within 1 px of its true centre, and nothing else is reported."""
+    image, truth = _cut_blobs(diameter)
+    found = detect_cells(image, pixel_size_um=1.0, cell_diameter_um=diameter)
+    recall, precision, dist = _match(_xy(found), truth, tol=diameter / 2)
+    assert recall == 1.0
+    assert precision == 1.0
+    assert dist.max() <= 1.0
+
+
+@pytest.mark.parametrize("diameter", [12.0, 30.0])
+def test_ramps_and_tissue_edges_at_the_border_give_no_cells(diameter: float) -> None:
+    """Structures that run into the border without a peak of their own give no cell at the
+    border: a linear and a quadratic ramp brightening towards it and the glow of a bright
+    object outside the frame give no cell at all; edges of tissue meeting the border straight
+    or slanted both ways (the mirror image at the border turns them into a ridge or a wedge)
+    give none on the outermost (coarse) pixels. (A strong edge gives LoG maxima along itself
+    anywhere in the image, border or not: that is not what this test is about.)"""
+    size = 128
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    rng = np.random.default_rng(7)
+    cases = {
+        "ramp": 100 + 2.0 * (size - xx),
+        "quadratic ramp": 100 + 0.02 * (size - xx) ** 2,
+        "glow from outside": 100 + 300 * np.exp(-((xx + 20) ** 2 + (yy - 64) ** 2) / 450),
+        "edge perpendicular": 100 + 100 * (yy < 64),
+        "edge slanted down": 100 + 100 * (yy < 40 + 0.5 * xx),
+        "edge slanted up": 100 + 100 * (yy < 80 - 0.5 * xx),
+    }
+    coarse_px = max(1, int(diameter / 2 / np.sqrt(2) // 1.5))  # the LoG's block-mean factor
+    for name, clean in cases.items():
+        for image in (clean, clean[:, ::-1], clean.T):  # left, right and top borders
+            noisy = (image + rng.normal(0, 2, image.shape)).astype(np.float32)
+            found = detect_cells(noisy, pixel_size_um=1.0, cell_diameter_um=diameter)
+            if name in ("ramp", "quadratic ramp", "glow from outside"):
+                assert len(found) == 0, (name, found[["x", "y"]])
+            x, y = found["x"].to_numpy(), found["y"].to_numpy()
+            to_border = np.minimum.reduce([x + 0.5, y + 0.5, size - 0.5 - x, size - 0.5 - y])
+            assert (to_border > coarse_px).all(), (name, found[["x", "y"]])
 
 
 def test_detects_dense_spots() -> None:
@@ -354,3 +417,19 @@ def test_bad_options_raise() -> None:
         detect_cells(image, scales=(), **kw)
     with pytest.raises(ValueError, match="scales"):
         detect_cells(image, scales=(1.0, -0.5), **kw)
+
+
+def test_small_scale_sets_the_block_mean_factor() -> None:
+    """With ``scales=(0.4,)`` the LoG works at the smallest scale's σ (≥ 1.5 block-mean px):
+    touching 10-px cells 12 px apart, told a 25-µm expected size, are all found and placed
+    within 1 px, as at their own size."""
+    rng = np.random.default_rng(5)
+    grid = np.arange(20.0, 110.0, 12.0)
+    gx, gy = np.meshgrid(grid, grid)
+    truth = np.stack([gx.ravel(), gy.ravel()], axis=1) + rng.uniform(-1, 1, (gx.size, 2))
+    image = _blobs(truth, np.full(len(truth), 10.0), (130, 130)) + rng.normal(0, 2, (130, 130))
+    found = detect_cells(image, pixel_size_um=1.0, cell_diameter_um=25.0, scales=(0.4,))
+    recall, precision, dist = _match(_xy(found), truth, tol=5.0)
+    assert recall == 1.0
+    assert precision == 1.0
+    assert dist.max() <= 1.0
