@@ -142,7 +142,7 @@ def grids(sigma_px: float, quick: bool) -> dict[str, list[dict]]:
     # training settings × the detection-time brightness cut-off (no retraining for the latter)
     trained = [
         ({"scales": scales}, [{"min_brightness": b} for b in brightness])
-        for scales in ((1.0,), MULTI_SCALE, WIDE_SCALE)
+        for scales in ((1.0,), *((s,) for s in SINGLE_SCALES), MULTI_SCALE, WIDE_SCALE)
     ]
     return {"blob_log": blob, "log": log, "watershed": watershed, "trained": trained}
 

@@ -132,6 +132,16 @@ class _AtlasPlanes:
         coords = np.stack([_plane_ap(ml, dv, ap, tans, self.midline), dv, ml]) / self.res
         return ndi.map_coordinates(self.inside, coords, order=0) > 0.5
 
+    def inside_weight(self, ap: float, tans: Sequence[float]) -> np.ndarray:
+        """Share of each canvas point's neighbourhood in the brain (linear interpolation).
+
+        Unlike :meth:`inside_at`, it varies continuously with the plane, so the moments of the
+        plane's brain area (and the series objective built on them) do not jump.
+        """
+        ml, dv = self.canvas
+        coords = np.stack([_plane_ap(ml, dv, ap, tans, self.midline), dv, ml]) / self.res
+        return ndi.map_coordinates(self.inside, coords, order=1, prefilter=False)
+
     def area_ratio(self, sec: _Section, ap: float, tans: Sequence[float]) -> float:
         """The section's tissue area over its atlas plane's brain area."""
         ml, dv = self.canvas
@@ -142,10 +152,10 @@ class _AtlasPlanes:
     def moment_inplane(self, sec: _Section, ap: float, tans: Sequence[float]) -> np.ndarray | None:
         """In-plane affine matching the tissue's centroid and covariance to the atlas plane's."""
         ml, dv = self.canvas
-        inside = self.inside_at(ap, tans)
-        if inside.sum() < 10:
+        weight = self.inside_weight(ap, tans)
+        if weight.sum() < 10:
             return None
-        centre_a, cov_a = _moments(np.stack([ml[inside], dv[inside]], axis=1))
+        centre_a, cov_a = _moments(np.stack([ml.ravel(), dv.ravel()], axis=1), weight.ravel())
         centre_s, inv_root_s = sec.centroid, sec.inv_root_cov
         root_a = _sqrtm(cov_a)
         u, _, vt = np.linalg.svd(np.linalg.inv(root_a) @ np.linalg.inv(inv_root_s))
@@ -194,9 +204,17 @@ class _AtlasPlanes:
         return _ncc(sec.image, self.sample(pts))
 
 
-def _moments(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    centre = points.mean(axis=0)
-    return centre, np.cov((points - centre).T)
+def _moments(
+    points: np.ndarray, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Centroid and covariance of points ``(n, 2)``, optionally weighted."""
+    if weights is None:
+        centre = points.mean(axis=0)
+        return centre, np.cov((points - centre).T)
+    w = weights / weights.sum()
+    centre = w @ points
+    d = points - centre
+    return centre, (d * w[:, None]).T @ d
 
 
 def _sqrtm(cov: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ from cellmap2d.identity import (
     challenge_scores,
     challenge_table,
     em_mixture,
+    reference_noise_bonus,
     score_fractions,
     score_types,
 )
@@ -72,6 +73,7 @@ def test_sample_of_one_type_ranks_it_first_under_every_score(type_maps) -> None:
         "fraction",
         "fraction_low",
         "fraction_high",
+        "fraction_emc",
         "fraction_em",
         "fraction_nnls",
         "reference_score",
@@ -122,9 +124,11 @@ def test_reference_score_and_other_scores_on_a_hand_computed_case() -> None:
     assert row["fraction_nnls"] == pytest.approx(1.0)
     assert table.set_index("type").loc["u", "fraction_nnls"] == pytest.approx(0.0)
     # EM: the 3 cells at voxel 0 have likelihood .5 under t and the floor under u; the cell at
-    # voxel 2 has the floor under both → the likelihood grows with f_t → f_t = 1
+    # voxel 2 has the floor under both → the likelihood grows with f_t → f_t = 1 (also with the
+    # reference-noise bonus, which only scales each type's likelihood)
+    assert row["fraction_em"] == pytest.approx(1.0, abs=1e-5)
     assert row["fraction"] == pytest.approx(1.0, abs=1e-5)
-    assert row["fraction_em"] == row["fraction"]
+    assert row["fraction_emc"] == row["fraction"]
     assert table["fraction_low"].isna().all()  # n_boot = 0: no interval
     # u: no overlap with s at the high voxels: MSE = (0 − 1)², penalty = 1 (s[3] = 0)
     assert table.set_index("type").loc["u", "reference_score"] == pytest.approx(0.5)
@@ -339,6 +343,52 @@ def test_em_mixture_matches_the_closed_form_two_type_optimum() -> None:
     assert em_mixture(L3, np.array([1.0, 0.0]))[0] == pytest.approx(1.0, abs=1e-4)
     with pytest.raises(ValueError, match="> 0"):
         em_mixture(np.array([[0.0, 1.0]]))
+
+
+def test_reference_noise_bonus_hand_computed() -> None:
+    # σ = 0: the kernel is one voxel, V = 1. Type a: 100 cells, Σp² = .02 → noise = 1/100,
+    # ρ = .01/.02 = .5 → bonus = w · ½ · ρ; type b: 10 000 cells spread like a → ρ = .005
+    b = reference_noise_bonus(np.array([100.0, 10_000.0]), np.array([0.02, 0.02]), 0.0, weight=1)
+    assert b == pytest.approx([0.25, 0.0025])
+    # saturates at weight / 2 (ρ clipped to 1); no cells or no mass → 0
+    b = reference_noise_bonus(np.array([1.0, 0.0, 5.0]), np.array([0.5, 0.3, 0.0]), 0.0)
+    assert b == pytest.approx([0.375, 0.0, 0.0])
+    # a Gaussian kernel spreads each cell over V = (2√π σ)³ voxels (σ in voxels), within 0.1 %
+    b = reference_noise_bonus(np.array([100.0]), np.array([1.0 / 8000]), 1.5, weight=1)
+    v = (2 * math.sqrt(math.pi) * 1.5) ** 3
+    assert b[0] == pytest.approx(0.5 * 80 / v, rel=1e-3)
+
+
+def test_noise_correction_gives_a_rare_diffuse_type_its_cells_back() -> None:
+    """Cells of a rare, diffuse type (300 reference cells, uniform in the cube) next to a
+    well-sampled look-alike (30 000 cells, uniform but 5× sparser in one quarter): plain ML
+    hands most cells to the look-alike, whose density is smoother; the corrected EM ranks the
+    true type first."""
+    rng = np.random.default_rng(0)
+
+    def uniform(n: int) -> np.ndarray:
+        return rng.uniform(0, 2000.0, size=(n, 3))
+
+    pts = uniform(80_000)
+    keep = rng.uniform(0, 1, len(pts)) < np.where(pts[:, 0] < 500, 0.2, 1.0)
+    maps = {
+        "rare": smooth(histogram(uniform(300), GRID), GRID, SIGMA),
+        "common": smooth(histogram(pts[keep][:30_000], GRID), GRID, SIGMA),
+    }
+    sample = uniform(2000)
+    table = score_types(sample, maps, FULL_MASK, grid=GRID, sigma_um=SIGMA, n_boot=20)
+    by_type = table.set_index("type")
+    assert by_type.loc["rare", "fraction_em"] < 0.5
+    assert by_type.loc["rare", "fraction_emc"] > 0.5
+    assert by_type.loc["rare", "fraction_emc"] > by_type.loc["rare", "fraction_em"] + 0.05
+    assert table["type"].iloc[0] == "rare"
+    assert by_type.loc["rare", "fraction"] == by_type.loc["rare", "fraction_emc"]
+    low, high = by_type.loc["rare", ["fraction_low", "fraction_high"]]
+    assert low <= by_type.loc["rare", "fraction"] <= high
+    # the same bonus for every type changes nothing: equals the plain ML fit
+    L = np.array([[0.8, 0.2], [0.2, 0.8]])
+    w = np.array([3.0, 1.0])
+    assert em_mixture(L * math.exp(0.3), w) == pytest.approx(em_mixture(L, w), abs=1e-6)
 
 
 def test_score_fractions_as_an_entrant_would() -> None:
