@@ -35,13 +35,20 @@ def kernel_radius(sigma_vox: float) -> int:
     return int(TRUNCATE * sigma_vox + 0.5)
 
 
+def gaussian_weights(sigma_vox: float) -> np.ndarray:
+    """Normalised weights of the truncated 1-D Gaussian of ``scipy.ndimage.gaussian_filter1d``."""
+    radius = kernel_radius(sigma_vox)
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    weights = np.exp(-0.5 / sigma_vox**2 * offsets**2)
+    return weights / weights.sum()
+
+
 @functools.lru_cache(maxsize=32)
 def _reflect_band(length: int, sigma_vox: float) -> np.ndarray:
     """(length, length) float32 ``M``: ``M @ x`` is ``gaussian_filter1d(x, mode="reflect")``."""
-    radius = kernel_radius(sigma_vox)
+    weights = gaussian_weights(sigma_vox)
+    radius = (weights.size - 1) // 2
     offsets = np.arange(-radius, radius + 1)
-    weights = np.exp(-0.5 / sigma_vox**2 * offsets.astype(np.float64) ** 2)
-    weights /= weights.sum()
     rows = np.repeat(np.arange(length), offsets.size)
     cols = (rows.reshape(length, -1) + offsets).ravel() % (2 * length)
     cols = np.where(cols >= length, 2 * length - 1 - cols, cols)  # "reflect": d c b a | a b c d

@@ -18,6 +18,7 @@ from scipy import ndimage
 from scipy.optimize import nnls
 from scipy.special import rel_entr
 
+from cellmap2d._density_compute import gaussian_weights
 from cellmap2d.density import (
     DensityFile,
     Grid,
@@ -585,10 +586,7 @@ def _kernel_volume(sigma_vox: float) -> float:
     """``1 / Σ K²`` of the separable, normalised 3-D Gaussian of scipy's ``gaussian_filter``."""
     if sigma_vox <= 0:
         return 1.0
-    radius = int(_TRUNCATE * sigma_vox + 0.5)
-    x = np.arange(-radius, radius + 1, dtype=np.float64)
-    k = np.exp(-0.5 * (x / sigma_vox) ** 2)
-    k /= k.sum()
+    k = gaussian_weights(sigma_vox)
     return float(1.0 / (k @ k) ** 3)
 
 
