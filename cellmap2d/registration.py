@@ -177,6 +177,8 @@ def refine(
 
     if random_seed < 1:
         raise ValueError("random_seed must be >= 1; ANTs treats 0 as a clock seed")
+    if syn_metric not in ("CC", "mattes"):
+        raise ValueError(f"syn_metric must be 'CC' or 'mattes', not {syn_metric!r}")
     _deterministic(ants, random_seed)
     section = np.asarray(section_image, dtype=np.float32)
     atlas = np.asarray(atlas_slice, dtype=np.float32)

@@ -217,9 +217,12 @@ def test_empty_section_gives_identity(atlas_slice: np.ndarray) -> None:
 
 
 def test_refine_rejects_bad_arguments(atlas_slice: np.ndarray) -> None:
-    """random_seed 0 (ANTs: clock seed) and shape mismatches raise ValueError."""
+    """random_seed 0 (ANTs: clock seed), an unknown SyN metric and shape mismatches raise
+    ValueError."""
     with pytest.raises(ValueError, match="random_seed"):
         refine(atlas_slice, atlas_slice, random_seed=0)
+    with pytest.raises(ValueError, match="syn_metric"):
+        refine(atlas_slice, atlas_slice, syn_metric="MI")
     with pytest.raises(ValueError):
         refine(atlas_slice[:-1], atlas_slice)
     with pytest.raises(ValueError):
