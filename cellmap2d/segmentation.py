@@ -394,10 +394,10 @@ def _detect_tiled(
         samples = _grid_samples(response, wy0, wx0, core, ctx) if sample_response else None
         if cells is None or len(cells) == 0:
             return None, samples
-        keep = (cells["y"] >= y0 - 0.5) & (cells["y"] < y1 - 0.5)
-        keep &= (cells["x"] >= x0 - 0.5) & (cells["x"] < x1 - 0.5)
-        keep &= ctx.in_tissue(cells["x"].to_numpy(), cells["y"].to_numpy())
-        return cells[keep.to_numpy()], samples
+        x, y = cells["x"].to_numpy(), cells["y"].to_numpy()
+        keep = (y >= y0 - 0.5) & (y < y1 - 0.5) & (x >= x0 - 0.5) & (x < x1 - 0.5)
+        keep[keep] = ctx.in_tissue(x[keep], y[keep])
+        return cells[keep], samples
 
     found = _map(detect, cores, workers)
     frames = [f for f, _ in found if f is not None and len(f)]
@@ -413,8 +413,8 @@ def _detect_tiled(
     if min_brightness > 0:
         above = cells["intensity"].to_numpy() - cells["background"].to_numpy()
         cells = cells[above >= min_brightness * ctx.bright_range]
-    cells = cells.sort_values(["y", "x"], kind="stable").reset_index(drop=True)
-    return cells[list(columns)]
+    order = np.lexsort((cells["x"].to_numpy(), cells["y"].to_numpy()))  # by y, then x
+    return cells.iloc[order][list(columns)].reset_index(drop=True)
 
 
 def _model_scales(options: dict[str, Any]) -> tuple[float, ...]:
@@ -712,11 +712,11 @@ def _border_cells(
     a maximum on the outermost pixels, and a cell centred a little inside merges with its mirror
     image there. So, for a maximum within one cell radius of a border, the profile across the
     border (averaged over a few pixels along it) is fitted with a Gaussian of the cell's size
-    (σ = radius / 1.3) at a free centre plus a constant: the centre places the cell. A maximum on the outermost
-    (coarse) pixels (``edge``: left, right, top, bottom) is kept only if that fit puts the centre
-    inside the image (a cell centred outside belongs to the abutting image) and explains the
-    profile, and the profile along the border around it, at least ``_BORDER_FIT`` better than a
-    straight line.
+    (σ = radius / 1.3) at a free centre plus a constant: the centre places the cell. A maximum
+    on the outermost (coarse) pixels (``edge``: left, right, top, bottom) is kept only if that
+    fit puts the centre inside the image (a cell centred outside belongs to the abutting image)
+    and explains the profile, and the profile along the border around it, at least
+    ``_BORDER_FIT`` better than a straight line.
 
     Returns which maxima are kept, and their (re-placed) ``x``, ``y``.
     """
@@ -724,48 +724,92 @@ def _border_cells(
     x, y = x.copy(), y.copy()
     sigma_t = ctx.radius_px * scale / 1.3  # a cell's profile, as a Gaussian
     radius = ctx.radius_px * scale
-    near = edge.any(axis=0)
-    near |= np.minimum(x + 0.5, ctx.width - 0.5 - x) <= radius
-    near |= np.minimum(y + 0.5, ctx.height - 0.5 - y) <= radius
-    for i in np.flatnonzero(near):
-        for axis in (1, 0):  # x (left/right borders), then y (top/bottom)
-            pos, along = (x[i], y[i]) if axis == 1 else (y[i], x[i])
-            size, start = (ctx.width, x0) if axis == 1 else (ctx.height, y0)
-            for side in (0, 1):
-                dist = pos + 0.5 if side == 0 else size - 0.5 - pos
-                on_edge = edge[2 * (1 - axis) + side, i]
-                if dist > radius[i] and not on_edge:
+    for axis in (1, 0):  # x (left/right borders), then y (top/bottom) with the new x
+        pos, along = (x, y) if axis == 1 else (y, x)
+        size, start = (ctx.width, x0) if axis == 1 else (ctx.height, y0)
+        new_pos = pos.copy()
+        for side in (0, 1):
+            if (side == 0 and start != 0) or (side == 1 and start + data.shape[axis] != size):
+                continue  # this window does not reach that border
+            dist = pos + 0.5 if side == 0 else size - 0.5 - pos
+            on_edge = edge[2 * (1 - axis) + side]
+            todo = np.flatnonzero((dist <= radius) | on_edge)
+            if not len(todo):
+                continue
+            plane = data if axis == 1 else data.T
+            if side == 1:
+                plane = plane[:, ::-1]
+            rows = along[todo] - (y0 if axis == 1 else x0)
+            centre, good, fitted = _border_profile_fits(plane, rows, sigma_t[todo], radius[todo])
+            for j, i in enumerate(todo):
+                if not fitted[j]:
+                    keep[i] &= not on_edge[i]
                     continue
-                if (side == 0 and start != 0) or (side == 1 and start + data.shape[axis] != size):
-                    continue
-                plane = data if axis == 1 else data.T
-                if side == 1:
-                    plane = plane[:, ::-1]
-                row = along - (y0 if axis == 1 else x0)
-                fit = _profile_fit(plane, row, sigma_t[i], radius[i])
-                if fit is None:
-                    keep[i] &= not on_edge
-                    continue
-                centre, good = fit
-                if on_edge and not (good and centre >= -0.5):
-                    keep[i] = False
-                    continue
-                if on_edge:
+                if on_edge[i]:
+                    if not (good[j] and centre[j] >= -0.5):
+                        keep[i] = False
+                        continue
                     # the profile along the border must be a peak too (not an edge of tissue)
-                    across = plane.T  # rows: pixels across the border; columns: along it
                     side_fit = _profile_fit(
-                        across, 0.0, sigma_t[i], radius[i], centre_at=row, width=sigma_t[i] / 2
+                        plane.T, 0.0, sigma_t[i], radius[i], centre_at=rows[j], width=sigma_t[i] / 2
                     )
                     if side_fit is None or not side_fit[1]:
                         keep[i] = False
                         continue
-                if good:
-                    new = centre if side == 0 else size - 1 - centre
-                    if axis == 1:
-                        x[i] = new
-                    else:
-                        y[i] = new
+                if good[j]:
+                    new_pos[i] = centre[j] if side == 0 else size - 1 - centre[j]
+        pos[:] = new_pos
     return keep, x, y
+
+
+def _border_profile_fits(
+    plane: np.ndarray, rows: np.ndarray, sigma_t: np.ndarray, radius: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_profile_fit` (free centre) for many ``rows`` of one ``plane`` at once: the best
+    centres, whether each fits, and whether each had pixels to fit."""
+    n = len(rows)
+    centre, good, fitted = np.zeros(n), np.zeros(n, bool), np.zeros(n, bool)
+    height = plane.shape[0]
+    for s, r in set(zip(sigma_t.tolist(), radius.tolist(), strict=True)):
+        idx = np.flatnonzero((sigma_t == s) & (radius == r))
+        half = max(1.0, s / 2)
+        r0 = np.maximum(0, np.floor(rows[idx] - half).astype(np.int64))
+        r1 = np.minimum(height, np.ceil(rows[idx] + half).astype(np.int64) + 1)
+        c1 = min(plane.shape[1], int(np.ceil(r + 2.5 * s)))
+        ok = (r1 > r0) & (c1 >= 4)
+        if not ok.any():
+            continue
+        idx, r0, r1 = idx[ok], r0[ok], r1[ok]
+        sums = np.zeros((height + 1, c1))
+        np.cumsum(plane[:, :c1], axis=0, dtype=np.float64, out=sums[1:])
+        profiles = (sums[r1] - sums[r0]) / (r1 - r0)[:, None]
+        centres = np.arange(-1.5 * s, r + 1e-9, 0.05 * s)
+        centre[idx], good[idx] = _gaussian_profile_fit(profiles, np.arange(c1), centres, s)
+        fitted[idx] = True
+    return centre, good, fitted
+
+
+def _gaussian_profile_fit(
+    profiles: np.ndarray, u: np.ndarray, centres: np.ndarray, sigma_t: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares fit of ``B + A·exp(−(u − c)²/2σ²)``, ``A > 0``, ``c`` over ``centres``, to
+    each row of ``profiles`` (sampled at ``u``): the best centres, and whether each fit's
+    residual is ``_BORDER_FIT`` times a straight line's or less."""
+    u = np.asarray(u, np.float64)
+    p = profiles - profiles.mean(axis=1, keepdims=True)
+    pp = np.einsum("ij,ij->i", p, p)
+    uc = u - u.mean()
+    rss_line = pp - (p @ uc) ** 2 / float(uc @ uc)
+    g = np.exp(-0.5 * ((u[None, :] - centres[:, None]) / sigma_t) ** 2)
+    g -= g.mean(axis=1, keepdims=True)
+    gp, gg = p @ g.T, np.einsum("ij,ij->i", g, g)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        amp = np.where(gg > 0, gp / gg, 0.0)
+        rss = np.where(amp > 0, pp[:, None] - amp * gp, np.inf)
+    best = np.argmin(rss, axis=1)
+    rss_best = rss[np.arange(len(best)), best]
+    good = np.isfinite(rss_best) & (rss_best <= _BORDER_FIT * rss_line)
+    return centres[best], good
 
 
 def _profile_fit(
@@ -797,21 +841,8 @@ def _profile_fit(
     if c1 - c0 < 4:
         return None
     profile = np.asarray(plane[r0:r1, c0:c1], np.float64).mean(axis=0)
-    u = np.arange(c0, c1, dtype=np.float64)
-    p = profile - profile.mean()
-    pp = float(p @ p)
-    uc = u - u.mean()
-    rss_line = pp - float(uc @ p) ** 2 / float(uc @ uc)
-    g = np.exp(-0.5 * ((u[None, :] - centres[:, None]) / sigma_t) ** 2)
-    g -= g.mean(axis=1, keepdims=True)
-    gp, gg = g @ p, np.einsum("ij,ij->i", g, g)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        amp = np.where(gg > 0, gp / gg, 0.0)
-        rss = np.where(amp > 0, pp - amp * gp, np.inf)
-    best = int(np.argmin(rss))
-    if not np.isfinite(rss[best]):
-        return float(centres[best]), False
-    return float(centres[best]), bool(rss[best] <= _BORDER_FIT * rss_line)
+    centre, good = _gaussian_profile_fit(profile[None, :], np.arange(c0, c1), centres, sigma_t)
+    return float(centre[0]), bool(good[0])
 
 
 def _grid_samples(
@@ -853,26 +884,31 @@ def peak_features(
     radius_c = max(ctx.radius_px / f, 1.0)
     k = int(np.ceil(max(3 * s, radius_c)))
     offs = np.arange(-k, k + 1)
-    rows = np.clip(ys[:, None, None] + offs[None, :, None], 0, coarse.shape[0] - 1)
-    cols = np.clip(xs[:, None, None] + offs[None, None, :], 0, coarse.shape[1] - 1)
-    patches = coarse[rows, cols]
     gauss = np.exp(-0.5 * offs**2 / s**2)
     gauss2 = np.outer(gauss, gauss)
     gauss2 /= gauss2.sum()
     disk = (offs[:, None] ** 2 + offs[None, :] ** 2) <= radius_c**2
-    intensity = np.einsum("nij,ij->n", patches, gauss2.astype(np.float32))
-    mean = patches[:, disk].mean(axis=1)
+    weights = np.stack([gauss2.ravel(), disk.ravel() / disk.sum()], axis=1).astype(np.float32)
+    # one gather of every (2k+1)² patch from the edge-extended image, then one product
+    padded = cv2.copyMakeBorder(np.ascontiguousarray(coarse), k, k, k, k, cv2.BORDER_REPLICATE)
+    width = padded.shape[1]
+    start = (ys + k) * width + (xs + k)
+    patch = (offs[:, None] * width + offs[None, :]).ravel()
+    patches = np.take(padded.ravel(), start[:, None] + patch[None, :])
+    intensity, mean = (patches @ weights).T
     return intensity.astype(np.float64), mean.astype(np.float64)
 
 
 def _subpixel(response: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, ...]:
     """Peak offsets from a parabola through each peak and its two neighbours per axis."""
     h, w = response.shape
-    c = response[ys, xs]
+    flat = response.ravel()
+    at = ys * w + xs
+    c = flat[at]
     offsets = []
     for lo, hi in (
-        (response[ys, np.maximum(xs - 1, 0)], response[ys, np.minimum(xs + 1, w - 1)]),
-        (response[np.maximum(ys - 1, 0), xs], response[np.minimum(ys + 1, h - 1), xs]),
+        (flat[at - (xs > 0)], flat[at + (xs < w - 1)]),
+        (flat[at - w * (ys > 0)], flat[at + w * (ys < h - 1)]),
     ):
         denom = lo - 2 * c + hi
         with np.errstate(divide="ignore", invalid="ignore"):
