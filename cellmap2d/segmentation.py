@@ -136,8 +136,11 @@ def detect_cells(
     their image are kept. ``min_brightness`` (default 0) also drops cells whose peak is less
     than that fraction of the image's bright range (99.9th percentile − median) above the
     background. Background is a Gaussian (``background_um``, default 10 cell diameters) of
-    block means; blocks of constant value (zero padding, missing data) are not tissue and give
-    no cells. Cells cut by the image border are found when their centre lies inside the image
+    block means; blocks of constant value (zero padding, missing data) are not tissue, give
+    no cells and are left out of the noise and value samples. A maximum must be a blob, not a
+    ridge: its principal curvatures (Hessian of the response) both negative and their ratio
+    below ``max_elongation`` (default 20; 0 turns the test off) — the LoG of a straight edge
+    of tissue, a neurite or a vessel is a ridge whose noise makes a row of maxima. Cells cut by the image border are found when their centre lies inside the image
     (a cell centred outside belongs to the abutting image): the filters mirror the image at
     its border, and a maximum on the outermost pixels is kept only if the pixels across and
     along the border fit a cell's profile (not a ramp or an edge of tissue running into the
@@ -169,7 +172,8 @@ def detect_cells(
         (default) or ``"spread"``), ``scales`` (``log``, ``watershed``: cell sizes relative
         to ``cell_diameter_um``, default ``(1.0,)``, e.g. ``(0.7, 1.0, 1.4)``),
         ``min_brightness`` (any method; fraction of the bright range), ``background_um``,
-        ``noise`` (pixel noise, to skip the estimate), ``min_sigma_px`` (smallest LoG σ in
+        ``noise`` (pixel noise, to skip the estimate), ``max_elongation`` (``log`` and the
+        methods built on it; principal-curvature ratio), ``min_sigma_px`` (smallest LoG σ in
         block-mean pixels, default 1.5: sets the block-mean factor), ``area_range``,
         ``min_circularity``, ``model``.
 
@@ -252,6 +256,9 @@ def detect_cells_tiled(
     scales = tuple(float(s) for s in kw.get("scales", (1.0,)))
     if not scales or min(scales) <= 0:
         raise ValueError(f"scales must be positive numbers, not {kw.get('scales')!r}")
+    elongation = kw.get("max_elongation", _MAX_ELONGATION)
+    if not (elongation is None or elongation == 0 or float(elongation) > 1):
+        raise ValueError(f"max_elongation must be > 1 (or 0: off), not {elongation!r}")
     cv_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
@@ -313,10 +320,16 @@ def _detect_tiled(
         )
         data = _read(array, wy0, wy1, wx0, wx1)
         inner = data[y0 - wy0 : y0 - wy0 + (y1 - y0), x0 - wx0 : x0 - wx0 + (x1 - x0)]
+        means, tissue, saturated = _block_stats(inner, block, factor, dtype)
+        # noise and values are sampled in tissue only (zero padding would shrink both)
+        residual, rows, cols = _residual_sample(data, wy0, wx0, height, width, stride)
+        values, value_rows, value_cols = _value_sample(inner, y0, x0, stride)
         return (
-            _residual_sample(data, wy0, wx0, height, width, stride),
-            _value_sample(inner, y0, stride),
-            *_block_stats(inner, block, factor, dtype),
+            residual[_tissue_pixels(tissue, rows - y0, cols - x0, block)],
+            values[_tissue_pixels(tissue, value_rows - y0, value_cols - x0, block)],
+            means,
+            tissue,
+            saturated,
         )
 
     results = _map(stats, cores, workers)
@@ -490,24 +503,42 @@ _RESIDUAL_NORM = 6.0
 
 def _residual_sample(
     data: np.ndarray, y0: int, x0: int, height: int, width: int, stride: int
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The residual on image rows ``r ≡ 1 (mod stride)``, interior pixels only, of a window
-    at ``(y0, x0)`` that holds each such row's neighbours."""
+    at ``(y0, x0)`` that holds each such row's neighbours; and its image rows and columns."""
     rows = np.arange(max(1, y0 + 1), min(height - 1, y0 + data.shape[0] - 1))
-    rows = rows[(rows - 1) % stride == 0] - y0
-    if len(rows) == 0 or data.shape[1] < 3:
-        return np.zeros(0, np.float32)
-    above, here, below = (data[r].astype(np.float32) for r in (rows - 1, rows, rows + 1))
-    d = above - 2 * here + below
-    res = d[:, :-2] - 2 * d[:, 1:-1] + d[:, 2:]  # centred on columns 1 … n-2 of the window
+    rows = rows[(rows - 1) % stride == 0]
     cols = np.arange(1, data.shape[1] - 1) + x0
     ok = (cols >= 1) & (cols <= width - 2)
-    return res[:, ok].ravel()
+    if len(rows) == 0 or not ok.any():
+        return np.zeros((0, 0), np.float32), rows[:0], cols[:0]
+    local = rows - y0
+    above, here, below = (data[r].astype(np.float32) for r in (local - 1, local, local + 1))
+    d = above - 2 * here + below
+    res = d[:, :-2] - 2 * d[:, 1:-1] + d[:, 2:]  # centred on columns 1 … n-2 of the window
+    return res[:, ok], rows, cols[ok]
 
 
-def _value_sample(inner: np.ndarray, y0: int, stride: int) -> np.ndarray:
+def _value_sample(
+    inner: np.ndarray, y0: int, x0: int, stride: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pixels of image rows ``r ≡ 1 (mod stride)`` and columns ``c ≡ 0 (mod 4)`` of
+    ``inner`` (at ``(y0, x0)``), float32, and those rows and columns."""
     rows = np.arange(y0, y0 + inner.shape[0])
-    return inner[(rows - 1) % stride == 0].ravel()[::4].astype(np.float32)
+    rows = rows[(rows - 1) % stride == 0]
+    cols = np.arange(x0, x0 + inner.shape[1])
+    cols = cols[cols % 4 == 0]
+    return inner[np.ix_(rows - y0, cols - x0)].astype(np.float32), rows, cols
+
+
+def _tissue_pixels(
+    tissue: np.ndarray, rows: np.ndarray, cols: np.ndarray, block: int
+) -> np.ndarray:
+    """``(len(rows), len(cols))``: whether each pixel (tile-local rows and columns; one pixel
+    of margin is clipped to the edge blocks) lies in a tissue block of the tile."""
+    by = np.clip(rows // block, 0, tissue.shape[0] - 1)
+    bx = np.clip(cols // block, 0, tissue.shape[1] - 1)
+    return tissue[np.ix_(by, bx)]
 
 
 def _block_stats(
@@ -676,6 +707,15 @@ def log_window(
         ]
     )
     ok, x, y = _border_cells(data, y0, x0, x, y, scale, edge, ctx)
+    max_elongation = ctx.options.get("max_elongation", _MAX_ELONGATION)
+    if max_elongation:
+        # next to the image border a cell merges with its mirror image into an elongated
+        # response; _border_cells has checked those
+        reach = 1.5 * ctx.radius_px * scale
+        inside = (np.minimum(x + 0.5, ctx.width - 0.5 - x) > reach) & (
+            np.minimum(y + 0.5, ctx.height - 0.5 - y) > reach
+        )
+        ok &= ~inside | _blob_like(best, ys, xs, float(max_elongation))
     if not ok.all():
         xs, ys, x, y, scale = xs[ok], ys[ok], x[ok], y[ok], scale[ok]
         if not len(xs):
@@ -697,6 +737,9 @@ def log_window(
     extra["peaks"] = (ys, xs)
     return cells, extra
 
+
+# Lowe's principal-curvature ratio above which a maximum is a ridge, not a blob (max_elongation)
+_MAX_ELONGATION = 20.0
 
 # a cell cut by the border must explain its profiles at least this much better than a straight
 # line (a ramp or an edge running into the border) does: residual ratio
@@ -906,6 +949,29 @@ def peak_features(
     # einsum, not BLAS: a threaded GEMM here would take the other core
     intensity, mean = np.einsum("nk,fk->fn", patches, weights)
     return intensity.astype(np.float64), mean.astype(np.float64)
+
+
+def _blob_like(response: np.ndarray, ys: np.ndarray, xs: np.ndarray, ratio: float) -> np.ndarray:
+    """Whether the maxima ``(ys, xs)`` of ``response`` are blobs rather than ridges: both
+    principal curvatures negative and their ratio below ``ratio`` (Lowe's edge test, from the
+    Hessian's trace and determinant: ``tr² / det < (r + 1)² / r``). Ridges are what the LoG
+    makes of tissue edges, neurites and vessels."""
+    h, w = response.shape
+    flat = response.ravel()
+    at = ys * w + xs
+    left, right = at - (xs > 0), at + (xs < w - 1)
+    up, down = at - w * (ys > 0), at + w * (ys < h - 1)
+    c = 2 * flat[at]
+    dxx = flat[left] + flat[right] - c
+    dyy = flat[up] + flat[down] - c
+    dxy = (
+        flat[up - at + right]
+        - flat[up - at + left]
+        - flat[down - at + right]
+        + flat[down - at + left]
+    ) / 4
+    tr, det = dxx + dyy, dxx * dyy - dxy * dxy
+    return (tr < 0) & (det > 0) & (tr * tr * ratio < (ratio + 1) ** 2 * det)
 
 
 def _subpixel(response: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, ...]:

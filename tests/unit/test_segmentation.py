@@ -417,6 +417,8 @@ def test_bad_options_raise() -> None:
         detect_cells(image, scales=(), **kw)
     with pytest.raises(ValueError, match="scales"):
         detect_cells(image, scales=(1.0, -0.5), **kw)
+    with pytest.raises(ValueError, match="max_elongation"):
+        detect_cells(image, max_elongation=0.5, **kw)
 
 
 def test_small_scale_sets_the_block_mean_factor() -> None:
@@ -433,3 +435,36 @@ def test_small_scale_sets_the_block_mean_factor() -> None:
     assert recall == 1.0
     assert precision == 1.0
     assert dist.max() <= 1.0
+
+
+def _tissue_on_background(background: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``_spots``' cells and noise on the right half only (cells ≥ 2 diameters from the edge);
+    the left half is ``background``."""
+    image, centres = _spots(40.0, size=512, seed=4)
+    centres = centres[centres[:, 0] > 256 + 2 * DIAMETER_UM]
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[0:512, 0:512]
+    image = 100.0 + rng.normal(0, 5.0, image.shape)
+    sigma = DIAMETER_UM / 2 / 1.3
+    for x, y in centres:
+        image += 90.0 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
+    image[:, :256] = background
+    return image.astype(np.float32), centres
+
+
+@pytest.mark.parametrize("kind", ["dark tissue edge", "zero padding"])
+def test_tissue_edges_and_padding_give_no_cells(kind: str) -> None:
+    """A straight edge of tissue against darker background is a ridge of LoG maxima, not cells
+    (the principal-curvature test drops them: 30+ false cells along a 512-px edge without it);
+    zero padding is not tissue and does not shrink the noise estimate (which otherwise drops
+    to a fraction and fills the tissue with noise maxima). The tissue's cells are all found."""
+    rng = np.random.default_rng(8)
+    left = rng.normal(0, 5, (512, 256)) if kind == "dark tissue edge" else np.zeros((512, 256))
+    image, centres = _tissue_on_background(left.astype(np.float32))
+    kw = {"pixel_size_um": 1.0, "cell_diameter_um": DIAMETER_UM}
+    found = detect_cells(image, **kw)
+    recall, precision, _ = _match(_xy(found), centres, DIAMETER_UM / 2)
+    assert recall == 1.0
+    assert len(found) - round(precision * len(found)) <= 2
+    if kind == "dark tissue edge":
+        assert len(detect_cells(image, max_elongation=0, **kw)) > len(centres) + 20
