@@ -16,8 +16,9 @@ of all 37, Dirichlet fractions with every part ≥ 10 %), ``VISp`` (2–3 of the
 subclasses, compared inside VISp via ``region_mask``; metrics on the 27 challenge columns as the
 challenge computes them). Truth = the planted types' shares among the kept cells inside the mask.
 
-Scores as fractions (``identity.score_fractions``): EM (corrected for reference noise, the
-default ``fraction``; and plain) and NNLS mixtures as fitted; reference
+Scores as fractions (``identity.score_fractions``): the mixture with the mixture-aware
+reference-noise correction (``fraction_emm``, the default ``fraction``), EM with the per-type
+reference-noise bonus (``fraction_emc``), plain EM, and NNLS mixtures as fitted; reference
 score and Pearson: positive scores normalised to sum 1; JS distance: ``1 − d`` normalised;
 log-likelihood: posterior of "all cells are one type", ``softmax(n · mean log-likelihood)``.
 
@@ -26,7 +27,8 @@ true top type (same phantom density recipe, differing only in random texture): {
 Lymphoid, Endo, Peri, SMC}, {VLMC, ABC}.
 
 The benchmark seeds (default 1000+) differ from the seeds used while developing (0–99; the
-weight of ``fraction_emc``'s reference-noise correction was chosen on seeds 7 and 11).
+weights of the reference-noise corrections of ``fraction_emc`` and ``fraction_emm`` were chosen
+on seeds 7 and 11).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from cellmap2d.identity import (
 )
 
 SCORES = (
+    "fraction_emm",
     "fraction_emc",
     "fraction_em",
     "fraction_nnls",
@@ -60,7 +63,7 @@ SCORES = (
     "js_distance",
     "log_likelihood",
 )
-DEFAULT = "fraction_emc"  # the mixture brain_identity's `fraction` is (and gets the CI)
+DEFAULT = "fraction_emm"  # the mixture brain_identity's `fraction` is (and gets the CI)
 VOXEL_UM, SIGMA_UM = 100.0, 150.0  # pipeline defaults; --voxel/--sigma override
 THICKNESS_UM = 50.0
 OFFSET_SD_UM, CELL_SD_UM = 40.0, 30.0

@@ -40,6 +40,7 @@ __all__ = [
     "challenge_table",
     "brain_identity",
     "em_mixture",
+    "emm_mixture",
     "reference_noise_bonus",
     "score_fractions",
     "score_types",
@@ -75,10 +76,11 @@ CHALLENGE_COLUMNS: tuple[str, ...] = (
     "Vip.Gaba",
 )
 SCORE_COLUMNS: tuple[str, ...] = ("reference_score", "pearson", "js_distance", "log_likelihood")
-MIXTURES: tuple[str, ...] = ("emc", "em", "nnls")
+MIXTURES: tuple[str, ...] = ("emc", "emm", "em", "nnls")
 # score → True when larger is better
 RANK_BY: dict[str, bool] = {
     "fraction": True,
+    "fraction_emm": True,
     "fraction_emc": True,
     "fraction_em": True,
     "fraction_nnls": True,
@@ -100,6 +102,14 @@ _EM_MAX_ITER = 2000
 # the log of a kernel density estimate; 0.75 was chosen on development seeds 7 and 11 of
 # benchmarks/identity_recovery.py (never on its default seed 1000)
 NOISE_WEIGHT = 0.75
+# weight of the mixture-aware reference-noise correction (fraction_emm): chosen on development
+# seeds 7 and 11 of benchmarks/identity_recovery.py (1.25–2 did equally well there)
+MIXTURE_NOISE_WEIGHT = 1.25
+# emm_mixture works on the types with a start weight ≥ _SUPPORT and adds every type whose
+# objective gradient exceeds 1 + _KKT_SLACK (1 at an interior optimum) until none is left
+_SUPPORT = 1e-4
+_KKT_SLACK = 1e-2
+_BOOT_TOL = 1e-6  # emm bootstrap refits
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -117,7 +127,7 @@ def brain_identity(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     region_mask: np.ndarray | None = None,
-    mixture: str = "emc",
+    mixture: str = "emm",
     rank_by: str = "fraction",
 ) -> pd.DataFrame:
     """Identity table of one brain, compared only where the brain was sampled.
@@ -185,7 +195,7 @@ def score_types(
     rank_by: str = "fraction",
     fold_hemispheres: bool | None = None,
     progress: Callable[[str], None] | None = None,
-    mixture: str = "emc",
+    mixture: str = "emm",
 ) -> pd.DataFrame:
     """Score and rank cell types by how well their density explains the sample's cells.
 
@@ -211,14 +221,15 @@ def score_types(
         Bootstrap resamples of the cells for the fraction confidence interval (0: no interval,
         NaN columns) and the random seed.
     rank_by
-        ``"fraction"`` (default), ``"fraction_emc"``, ``"fraction_em"``, ``"fraction_nnls"``,
-        ``"reference_score"``, ``"pearson"``, ``"js_distance"`` (smaller is better) or
-        ``"log_likelihood"``.
+        ``"fraction"`` (default), ``"fraction_emm"``, ``"fraction_emc"``, ``"fraction_em"``,
+        ``"fraction_nnls"``, ``"reference_score"``, ``"pearson"``, ``"js_distance"`` (smaller is
+        better) or ``"log_likelihood"``.
     mixture
-        Which mixture fit is ``fraction`` (and gets the bootstrap interval): ``"emc"``
-        (default; the EM mixture over the cells with the reference-noise correction), ``"em"``
-        (plain maximum-likelihood EM mixture) or ``"nnls"`` (least squares on the smoothed
-        maps).
+        Which mixture fit is ``fraction`` (and gets the bootstrap interval): ``"emm"``
+        (default; the mixture with the mixture-aware reference-noise correction,
+        :func:`emm_mixture`), ``"emc"`` (the EM mixture over the cells with the per-type
+        reference-noise bonus), ``"em"`` (plain maximum-likelihood EM mixture) or ``"nnls"``
+        (least squares on the smoothed maps).
     fold_hemispheres
         Mirror sample cells right of the midline to the left (and reflect the smoothed sample
         at the midline) before comparing; default: the DensityFile's ``fold_hemispheres``
@@ -230,12 +241,19 @@ def score_types(
     -------
     pandas.DataFrame
         One row per type, sorted by ``rank`` (1 = best), columns ``type, rank, fraction,
-        fraction_low, fraction_high, fraction_emc, fraction_em, fraction_nnls, reference_score,
-        pearson, js_distance, log_likelihood, n_cells``:
+        fraction_low, fraction_high, fraction_emm, fraction_emc, fraction_em, fraction_nnls,
+        reference_score, pearson, js_distance, log_likelihood, n_cells``:
 
         - ``fraction``: the ``mixture`` fit — the estimated share of the labeled cells per type
           in the compared region; ``fraction_low/high``: 2.5/97.5 percentiles over ``n_boot``
           bootstrap resamples of the cells.
+        - ``fraction_emm``: the mixture with the mixture-aware reference-noise correction
+          (:func:`emm_mixture`, bonus :func:`reference_noise_bonus` with weight
+          ``MIXTURE_NOISE_WEIGHT``): a type earns its bonus on a cell in proportion to the
+          square of its responsibility for the cell, so single-type brains keep the gain of
+          ``fraction_emc`` while a rare type that is a minor component of a mixture earns
+          little and no longer takes cells from the major one (bootstrap refits with
+          ``mixture="emm"`` start from it). The default.
         - ``fraction_emc``: the EM mixture with each type's likelihood multiplied by
           ``exp(reference_noise_bonus)``, which undoes the expected log-likelihood deficit of a
           density estimated from few reference cells (:func:`reference_noise_bonus`); without
@@ -261,10 +279,12 @@ def score_types(
 
     Notes
     -----
-    Ranking: by ``rank_by`` (default the corrected EM mixture fraction ``fraction_emc``: on the
-    phantom benchmark ``benchmarks/identity_recovery.py`` it has the best top-1 accuracy and
-    Brier score of all scores, see ``docs/identity.md``), ties broken by Pearson correlation, NaN
-    last.
+    Ranking: by ``rank_by`` (default the mixture-aware corrected fraction ``fraction_emm``: on
+    the phantom benchmark ``benchmarks/identity_recovery.py`` it has the best Brier score for
+    single types and mixtures and the best mixture top-1, and it keeps the major type of a
+    mixture where ``fraction_emc`` leaks it to rare look-alikes, the more so the more types are
+    compared; ``fraction_emc`` has the better single-type top-1, see ``docs/identity.md``),
+    ties broken by Pearson correlation, NaN last.
 
     Raises
     ------
@@ -363,14 +383,39 @@ def score_types(
     Lc = L * np.exp(bonus)[:, None]
     fraction_emc = np.zeros(len(names))
     fraction_emc[has_mass] = em_mixture(Lc, sample.counts[in_mask])
-    fraction = {"emc": fraction_emc, "em": fraction_em, "nnls": fraction_nnls}[mixture]
+    bonus_m = reference_noise_bonus(
+        n_in_mask[has_mass],
+        sum_sq[has_mass],
+        ref_sigma / grid.voxel_um,
+        weight=MIXTURE_NOISE_WEIGHT,
+    )
+    fraction_emm = np.zeros(len(names))
+    fraction_emm[has_mass] = emm_mixture(
+        L, bonus_m, sample.counts[in_mask], starts=(fraction_em[has_mass], fraction_emc[has_mass])
+    )
+    fraction = {
+        "emm": fraction_emm,
+        "emc": fraction_emc,
+        "em": fraction_em,
+        "nnls": fraction_nnls,
+    }[mixture]
     low = np.full(len(names), np.nan)
     high = np.full(len(names), np.nan)
     if n_boot > 0:
         rng = np.random.default_rng(seed)
         boots = np.zeros((n_boot, len(names)))
         valid = np.zeros(n_boot, dtype=bool)
-        if mixture in ("em", "emc"):
+        if mixture == "emm":
+            for b in range(n_boot):
+                w = sample.resample(rng)[in_mask]
+                if w.sum() > 0:
+                    boots[b, has_mass] = emm_mixture(
+                        L, bonus_m, w, starts=(fraction[has_mass],), uniform=False, tol=_BOOT_TOL
+                    )
+                    valid[b] = True
+                if (b + 1) % 16 == 0 or b + 1 == n_boot:
+                    say(f"bootstrap {b + 1}/{n_boot}")
+        elif mixture in ("em", "emc"):
             Lb = L if mixture == "em" else Lc
             for b in range(n_boot):
                 w = sample.resample(rng)[in_mask]
@@ -407,6 +452,7 @@ def score_types(
             "fraction": fraction,
             "fraction_low": low,
             "fraction_high": high,
+            "fraction_emm": fraction_emm,
             "fraction_emc": fraction_emc,
             "fraction_em": fraction_em,
             "fraction_nnls": fraction_nnls,
@@ -619,21 +665,11 @@ def em_mixture(
     numpy.ndarray
         ``(types,)`` weights summing to 1 (all zero when ``weights`` sums to 0).
     """
-    L = np.asarray(likelihood, dtype=np.float64)
-    k, m = L.shape
-    w = np.ones(m) if weights is None else np.asarray(weights, dtype=np.float64)
-    if w.shape != (m,):
-        raise ValueError(f"weights must have shape ({m},), got {w.shape}")
-    if k == 0:
-        return np.zeros(0)
-    keep = w > 0
-    L, w = L[:, keep], w[keep]
-    total = float(w.sum())
-    if total <= 0:
+    k = np.shape(likelihood)[0]
+    inputs = _mixture_inputs(likelihood, weights)
+    if inputs is None:
         return np.zeros(k)
-    if not (np.isfinite(L).all() and (L > 0).all()):
-        raise ValueError("likelihoods must be finite and > 0 (floor them)")
-    w = w / total
+    L, w = inputs
 
     def step(f: np.ndarray) -> np.ndarray:
         out = f * (L @ (w / (f @ L)))
@@ -645,8 +681,40 @@ def em_mixture(
     f = np.full(k, 1.0 / k) if start is None else np.asarray(start, dtype=np.float64).copy()
     if f.shape != (k,):
         raise ValueError(f"start must have shape ({k},), got {f.shape}")
+    return _squarem(f, step, loglik, tol, max_iter)
+
+
+def _mixture_inputs(
+    likelihood: np.ndarray, weights: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Checked ``(types, cells)`` likelihoods of the cells with positive weight and their
+    weights summing to 1; None when there is nothing to fit (no types, no weight)."""
+    L = np.asarray(likelihood, dtype=np.float64)
+    k, m = L.shape
+    w = np.ones(m) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (m,):
+        raise ValueError(f"weights must have shape ({m},), got {w.shape}")
+    keep = w > 0
+    L, w = L[:, keep], w[keep]
+    total = float(w.sum())
+    if k == 0 or total <= 0:
+        return None
+    if not (np.isfinite(L).all() and (L > 0).all()):
+        raise ValueError("likelihoods must be finite and > 0 (floor them)")
+    return L, w / total
+
+
+def _squarem(
+    f: np.ndarray,
+    step: Callable[[np.ndarray], np.ndarray],
+    objective: Callable[[np.ndarray], float],
+    tol: float,
+    max_iter: int,
+) -> np.ndarray:
+    """Iterate the fixed-point map ``step`` (EM or MM on the simplex) from ``f``, SQUAREM-
+    accelerated: an extrapolated point is kept only if its ``objective`` is no worse."""
     # a start on the boundary cannot leave it under EM: keep every weight slightly positive
-    f = np.maximum(f, 1e-3 / k)
+    f = np.maximum(f, 1e-3 / len(f))
     f /= f.sum()
     for _ in range(max_iter):
         f1 = step(f)
@@ -654,8 +722,7 @@ def em_mixture(
         r = f1 - f
         v = f2 - f1 - r
         if np.abs(f2 - f1).max() < tol:
-            f = f2
-            break
+            return f2
         nv = float(np.sqrt(v @ v))
         if nv == 0:
             f = f2
@@ -665,8 +732,170 @@ def em_mixture(
         # shrink by at most 1000× per iteration
         g = np.maximum(f - 2 * alpha * r + alpha * alpha * v, 1e-3 * f)
         g = step(g / g.sum())
-        f = g if loglik(g) >= loglik(f2) else f2
+        f = g if objective(g) >= objective(f2) else f2
     return f
+
+
+def emm_mixture(
+    likelihood: np.ndarray,
+    bonus: np.ndarray,
+    weights: np.ndarray | None = None,
+    *,
+    starts: Sequence[np.ndarray] = (),
+    uniform: bool = True,
+    tol: float = _EM_TOL,
+    max_iter: int = _EM_MAX_ITER,
+) -> np.ndarray:
+    """Mixture weights with the mixture-aware reference-noise correction.
+
+    Maximises, over ``f ≥ 0, Σ f = 1``,
+
+    ``J(f) = Σ_j w_j [log m_j + Σ_k b_k γ_jk²]``, ``m_j = Σ_k f_k L[k, j]``,
+    ``γ_jk = f_k L[k, j] / m_j``
+
+    (``γ_jk`` is type k's responsibility for cell j, ``b_k`` its :func:`reference_noise_bonus`).
+
+    Why: each type density is a kernel estimate from ``n_k`` reference cells, and the log of a
+    noisy estimate is biased low by half its relative variance (Jensen). For a mixture the noisy
+    quantity is ``m_j = Σ_k f_k p̂_k``, whose variance is ``Σ_k f_k² Var(p̂_k)``: relative to
+    ``m_j²`` that is ``Σ_k γ_jk² r_k`` with ``r_k`` the relative variance of type k, so the
+    expected deficit is ``½ Σ_k γ_jk² r_k`` and ``b_k γ_jk²`` adds it back (``b_k = weight · ½ ·
+    ρ_k``, ``ρ_k`` a bounded estimate of ``r_k``). A brain of one type (``γ = 1``) gets exactly
+    the bonus of :func:`em_mixture` on ``L · exp(b)`` (``fraction_emc``), which gives rare types
+    their cells back; but a type that explains only a share of a cell earns only the square of
+    that share, so in a mixture a rare look-alike no longer takes cells from a well-sampled major
+    component for its bonus (``fraction_emc`` rewards shares linearly and leaks mass to rare
+    look-alikes).
+
+    ``J`` is not concave (the bonus term is convex in the responsibilities): the fit runs from
+    the uniform weights (unless ``uniform=False``) and from every ``starts`` entry (e.g. the
+    plain and the ``emc`` EM solutions) and keeps the best objective. Each run is the
+    fixed-point iteration ``f_k ← f_k (∂J/∂f_k + a) / (1 + a)`` (EM when ``b = 0``;
+    ``a = max(0, 2 max b − 1)`` keeps it positive), SQUAREM-accelerated with an objective
+    check, as :func:`em_mixture`. With ``starts``, the runs only move the types some start
+    gives a weight ≥ 1e-4 (a working set); every type whose gradient ``∂J/∂f_k`` then exceeds
+    1.01 (it would gain weight) joins and the fit resumes from the best run, until the result
+    is stationary over all types (every type at 0 has gradient ≤ 1.01). This keeps refits
+    against hundreds of types fast.
+
+    Parameters
+    ----------
+    likelihood
+        ``(types, cells)`` positive likelihood of each cell (or occupied voxel) under each type.
+    bonus
+        ``(types,)`` per-type bonus ``b_k ≥ 0`` in nats (:func:`reference_noise_bonus`); all
+        zero gives the plain maximum-likelihood mixture.
+    weights
+        Per column multiplicity (e.g. cells per voxel); ones by default.
+    starts
+        Extra initial weights ``(types,)``.
+    uniform
+        Also start from uniform weights.
+    tol, max_iter
+        Per run: stop when no weight moves by more than ``tol`` in an iteration, or after
+        ``max_iter``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(types,)`` weights summing to 1 (all zero when ``weights`` sums to 0).
+    """
+    k = np.shape(likelihood)[0]
+    b = np.asarray(bonus, dtype=np.float64)
+    if b.shape != (k,):
+        raise ValueError(f"bonus must have shape ({k},), got {b.shape}")
+    if not (np.isfinite(b).all() and (b >= 0).all()):
+        raise ValueError("bonus must be finite and >= 0")
+    inputs = _mixture_inputs(likelihood, weights)
+    if inputs is None:
+        return np.zeros(k)
+    L, w = inputs
+    L2 = L * L
+    shift = max(0.0, 2.0 * float(b.max()) - 1.0)
+    inits = [np.asarray(s, dtype=np.float64) for s in starts]
+    for init in inits:
+        if init.shape != (k,):
+            raise ValueError(f"start must have shape ({k},), got {init.shape}")
+    if not inits and not uniform:
+        raise ValueError("no start: give starts or uniform=True")
+    # working set: the types some start gives weight (all of them without starts)
+    work = np.zeros(k, dtype=bool)
+    for init in inits:
+        work |= init >= _SUPPORT * init.sum()
+    if not inits or not work.any():
+        work[:] = True
+    runs = ([None] if uniform else []) + inits
+    best = np.zeros(k)
+    for _ in range(k):
+        idx = np.flatnonzero(work)
+        best_obj = -np.inf
+        for init in runs:
+            f0 = np.full(len(idx), 1.0 / len(idx)) if init is None else init[idx]
+            f = _emm_run(f0, L[idx], L2[idx], b[idx], w, shift, tol, max_iter)
+            obj = _emm_parts(f, L[idx], L2[idx], b[idx], w)[2]
+            if obj > best_obj:
+                best_obj = obj
+                best = np.zeros(k)
+                best[idx] = f
+        if work.all():
+            break
+        # KKT on all types: add those that would gain weight; else best is stationary
+        add = (_emm_gradient(best, L, b, w, L2) > 1.0 + _KKT_SLACK) & ~work
+        if not add.any():
+            break
+        work |= add
+        runs = [best]
+    return best
+
+
+def _emm_parts(
+    f: np.ndarray, L: np.ndarray, L2: np.ndarray, b: np.ndarray, w: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Mixture ``m_j``, bonus ``c_j = Σ_k b_k γ_jk²`` and objective of :func:`emm_mixture`."""
+    mix = f @ L
+    c = ((b * f * f) @ L2) / (mix * mix)
+    return mix, c, float(w @ (np.log(mix) + c))
+
+
+def _emm_step(
+    f: np.ndarray, L: np.ndarray, L2: np.ndarray, b: np.ndarray, w: np.ndarray, shift: float
+) -> np.ndarray:
+    """``f_k (∂J/∂f_k + shift) / (1 + shift)``, renormalised (``Σ_k f_k ∂J/∂f_k = 1``)."""
+    mix, c, _ = _emm_parts(f, L, L2, b, w)
+    out = f * (L @ (w * (1.0 + shift - 2.0 * c) / mix))
+    out += 2.0 * b * f * f * (L2 @ (w / (mix * mix)))
+    out = np.maximum(out, 0.0)
+    return out / out.sum()
+
+
+def _emm_run(
+    f0: np.ndarray,
+    L: np.ndarray,
+    L2: np.ndarray,
+    b: np.ndarray,
+    w: np.ndarray,
+    shift: float,
+    tol: float,
+    max_iter: int,
+) -> np.ndarray:
+    """One SQUAREM-accelerated run of :func:`_emm_step` from ``f0``."""
+    return _squarem(
+        np.asarray(f0, dtype=np.float64),
+        lambda f: _emm_step(f, L, L2, b, w, shift),
+        lambda f: _emm_parts(f, L, L2, b, w)[2],
+        tol,
+        max_iter,
+    )
+
+
+def _emm_gradient(
+    f: np.ndarray, L: np.ndarray, b: np.ndarray, w: np.ndarray, L2: np.ndarray | None = None
+) -> np.ndarray:
+    """``∂J/∂f`` of :func:`emm_mixture`'s objective (``w`` summing to 1): 1 on the types with
+    weight at a stationary point, ≤ 1 on those at 0."""
+    L2 = L * L if L2 is None else L2
+    mix, c, _ = _emm_parts(f, L, L2, b, w)
+    return L @ (w * (1.0 - 2.0 * c) / mix) + 2.0 * b * f * (L2 @ (w / (mix * mix)))
 
 
 def score_fractions(table: pd.DataFrame, score: str, *, n_cells: int | None = None) -> pd.Series:

@@ -11,11 +11,13 @@ import pytest
 from cellmap2d.density import DensityFile, Grid, histogram, smooth, type_densities, write_densities
 from cellmap2d.identity import (
     CHALLENGE_COLUMNS,
+    MIXTURE_NOISE_WEIGHT,
     brain_identity,
     challenge_column,
     challenge_scores,
     challenge_table,
     em_mixture,
+    emm_mixture,
     reference_noise_bonus,
     score_fractions,
     score_types,
@@ -48,6 +50,8 @@ def test_sample_of_one_type_ranks_it_first_under_every_score(type_maps) -> None:
     sample = _draw(np.random.default_rng(5), "A", 800)  # independent of the reference cells
     for rank_by in (
         "fraction",
+        "fraction_emm",
+        "fraction_emc",
         "fraction_nnls",
         "reference_score",
         "pearson",
@@ -73,6 +77,7 @@ def test_sample_of_one_type_ranks_it_first_under_every_score(type_maps) -> None:
         "fraction",
         "fraction_low",
         "fraction_high",
+        "fraction_emm",
         "fraction_emc",
         "fraction_em",
         "fraction_nnls",
@@ -125,10 +130,12 @@ def test_reference_score_and_other_scores_on_a_hand_computed_case() -> None:
     assert table.set_index("type").loc["u", "fraction_nnls"] == pytest.approx(0.0)
     # EM: the 3 cells at voxel 0 have likelihood .5 under t and the floor under u; the cell at
     # voxel 2 has the floor under both → the likelihood grows with f_t → f_t = 1 (also with the
-    # reference-noise bonus, which only scales each type's likelihood)
+    # reference-noise bonus, which only scales each type's likelihood, and with the
+    # mixture-aware one, which rewards the pure fit most)
     assert row["fraction_em"] == pytest.approx(1.0, abs=1e-5)
     assert row["fraction"] == pytest.approx(1.0, abs=1e-5)
-    assert row["fraction_emc"] == row["fraction"]
+    assert row["fraction_emm"] == pytest.approx(1.0, abs=1e-5)
+    assert row["fraction_emm"] == row["fraction"]
     assert table["fraction_low"].isna().all()  # n_boot = 0: no interval
     # u: no overlap with s at the high voxels: MSE = (0 − 1)², penalty = 1 (s[3] = 0)
     assert table.set_index("type").loc["u", "reference_score"] == pytest.approx(0.5)
@@ -381,8 +388,9 @@ def test_noise_correction_gives_a_rare_diffuse_type_its_cells_back() -> None:
     assert by_type.loc["rare", "fraction_em"] < 0.5
     assert by_type.loc["rare", "fraction_emc"] > 0.5
     assert by_type.loc["rare", "fraction_emc"] > by_type.loc["rare", "fraction_em"] + 0.05
+    assert by_type.loc["rare", "fraction_emm"] > 0.5
     assert table["type"].iloc[0] == "rare"
-    assert by_type.loc["rare", "fraction"] == by_type.loc["rare", "fraction_emc"]
+    assert by_type.loc["rare", "fraction"] == by_type.loc["rare", "fraction_emm"]
     low, high = by_type.loc["rare", ["fraction_low", "fraction_high"]]
     assert low <= by_type.loc["rare", "fraction"] <= high
     # the same bonus for every type changes nothing: equals the plain ML fit
@@ -471,3 +479,98 @@ def test_brain_identity_region_mask_restricts_the_comparison(tmp_path: Path) -> 
 def _maps() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(11)
     return {n: smooth(histogram(_draw(rng, n, 30_000), GRID), GRID, SIGMA) for n in CENTRES}
+
+
+def _bump(x: np.ndarray, centre: float, sd: float) -> np.ndarray:
+    p = np.exp(-0.5 * ((x - centre) / sd) ** 2)
+    return p / p.sum()
+
+
+def _noisy_reference_fits(seed: int, planted: dict[str, float]) -> dict[str, np.ndarray]:
+    """1-D phantom: types A (100 000 reference cells), R (a look-alike of A, only 300 cells)
+    and B (100 000), their densities plain histograms of the reference cells (σ = 0), and 2000
+    sample cells drawn from the true densities mixed as ``planted``."""
+    rng = np.random.default_rng(seed)
+    x = np.arange(200)
+    true = {"A": _bump(x, 80, 20), "R": _bump(x, 100, 30), "B": _bump(x, 150, 12)}
+    n_ref = np.array([100_000.0, 300.0, 100_000.0])
+    hist = np.array(
+        [rng.multinomial(int(n), true[k]) / n for k, n in zip(true, n_ref, strict=True)]
+    )
+    L = np.maximum(hist, 1e-6 / len(x))
+    sum_sq = (hist**2).sum(axis=1)
+    mix = sum(f * true[k] for k, f in planted.items())
+    counts = rng.multinomial(2000, mix / mix.sum()).astype(float)
+    em = em_mixture(L, counts)
+    emc = em_mixture(L * np.exp(reference_noise_bonus(n_ref, sum_sq, 0.0))[:, None], counts)
+    bonus = reference_noise_bonus(n_ref, sum_sq, 0.0, weight=MIXTURE_NOISE_WEIGHT)
+    emm = emm_mixture(L, bonus, counts, starts=(em, emc))
+    return {"em": em, "emc": emc, "emm": emm}
+
+
+def test_mixture_aware_correction_keeps_single_type_gain_and_stops_leakage() -> None:
+    """A rare look-alike R of a well-sampled type A: alone, R's cells go to A under plain ML
+    and the mixture-aware correction gives them back (as emc does); in a 70 % A + 30 % B brain
+    emc's linear bonus leaks A's share to R, the mixture-aware correction does not."""
+    single = [_noisy_reference_fits(seed, {"R": 1.0}) for seed in range(6)]
+    emm_r = np.array([f["emm"][1] for f in single])
+    em_r = np.array([f["em"][1] for f in single])
+    assert (emm_r > 0.5).all(), emm_r
+    assert emm_r.mean() > em_r.mean() + 0.1
+    mixed = [_noisy_reference_fits(seed, {"A": 0.7, "B": 0.3}) for seed in range(6)]
+    for fits in mixed:
+        assert fits["emm"][0] == pytest.approx(0.7, abs=0.06), fits
+        assert fits["emm"][2] == pytest.approx(0.3, abs=0.03), fits
+        assert fits["emc"][0] < 0.67, fits  # without the mixture-aware correction: leakage
+    leak_emm = np.mean([f["emm"][1] for f in mixed])
+    leak_emc = np.mean([f["emc"][1] for f in mixed])
+    assert leak_emm < 0.5 * leak_emc
+
+
+def test_emm_mixture_hand_cases() -> None:
+    L = np.array([[0.6, 0.3, 0.1], [0.1, 0.3, 0.6], [0.3, 0.4, 0.3]])
+    w = np.array([5.0, 2.0, 3.0])
+    # no bonus: the plain maximum-likelihood mixture, from any start
+    f = emm_mixture(L, np.zeros(3), w)
+    assert f == pytest.approx(em_mixture(L, w), abs=1e-5)
+    assert emm_mixture(L, np.zeros(3), w, starts=(np.array([1.0, 0, 0]),)) == pytest.approx(
+        f, abs=1e-5
+    )
+    # one type: the bonus changes nothing
+    assert emm_mixture(L[:1], np.array([0.3]), w) == pytest.approx([1.0])
+    # identical rows: plain ML cannot choose; the bonus goes to the type that explains each
+    # cell alone (γ = 1 earns b, a 50/50 split only b / 2), so the bonused type takes all
+    L2 = np.array([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]])
+    f = emm_mixture(L2, np.array([0.0, 0.2]), w)
+    assert f == pytest.approx([0.0, 1.0], abs=1e-3)
+    # the working set (types a start gives weight) grows until no type left out would gain
+    # weight: here it reaches the optimum, which needs type 2 (cells ∝ w at voxel k are best
+    # explained by type k alone)
+    L3 = np.full((3, 3), 0.1) + 0.7 * np.eye(3)
+    for bonus in (np.zeros(3), np.full(3, 0.1)):
+        f = emm_mixture(L3, bonus, w, starts=(np.array([0.5, 0.5, 0.0]),), uniform=False)
+        assert f == pytest.approx(emm_mixture(L3, bonus, w), abs=1e-4)
+        assert f[2] > 0.2
+        assert f.sum() == pytest.approx(1.0)
+    assert emm_mixture(L, np.zeros(3), np.zeros(3)) == pytest.approx([0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="bonus"):
+        emm_mixture(L, np.array([0.1, -0.1, 0.0]), w)
+    with pytest.raises(ValueError, match="> 0"):
+        emm_mixture(np.array([[0.0, 1.0]]), np.zeros(1))
+
+
+def test_emm_mixture_option_with_bootstrap(type_maps) -> None:
+    rng = np.random.default_rng(123)
+    sample = np.vstack([_draw(rng, "A", 1400), _draw(rng, "B", 600)])
+    table = score_types(
+        sample, type_maps, FULL_MASK, grid=GRID, sigma_um=SIGMA, n_boot=30, seed=1, mixture="emm"
+    )
+    by_type = table.set_index("type")
+    assert table.attrs["mixture"] == "emm"
+    assert (by_type["fraction"] == by_type["fraction_emm"]).all()
+    assert by_type.loc["A", "fraction"] == pytest.approx(0.7, abs=0.04)
+    assert by_type.loc["B", "fraction"] == pytest.approx(0.3, abs=0.04)
+    for name, truth in (("A", 0.7), ("B", 0.3)):
+        low, high = by_type.loc[name, ["fraction_low", "fraction_high"]]
+        assert low <= truth <= high, (name, low, high)
+    assert list(table["type"][:2]) == ["A", "B"]
