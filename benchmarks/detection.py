@@ -290,6 +290,9 @@ def write_section(path: Path, size: int, chunk: int = 1024) -> None:
             arr[y0 : y0 + shape[0], x0 : x0 + shape[1]] = synthetic_tile(y0, x0, shape)[0]
 
 
+SPEED_REPEATS = 5  # each timing is the best of this many runs (the machine's speed varies ~10 %)
+
+
 def _best_time(func, repeats: int) -> tuple[float, object]:
     """The shortest of ``repeats`` runs (the machine is shared) and the last result."""
     times, result = [], None
@@ -334,7 +337,7 @@ def speed(size: int, quick: bool) -> pd.DataFrame:
             lambda data=data, kw=kw: segmentation.detect_cells_tiled(
                 data, pixel_size_um=SECTION_PIXEL_UM, cell_diameter_um=SECTION_CELL_UM, **kw
             ),
-            2,
+            SPEED_REPEATS,
         )
         rows.append(_speed_row(name, data.shape, seconds, len(cells), kw.get("workers", 1)))
         print(rows[-1], flush=True)
@@ -354,7 +357,7 @@ def speed(size: int, quick: bool) -> pd.DataFrame:
             lambda lo=lo, hi=hi, num=num: blob_log(
                 blob_crop, min_sigma=lo, max_sigma=hi, num_sigma=num, threshold=0.02
             ),
-            2,
+            SPEED_REPEATS,
         )
         rows.append(_speed_row(name, blob_crop.shape, seconds, len(blobs), 1))
     print(f"load average after: {os.getloadavg()}", flush=True)

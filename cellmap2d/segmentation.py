@@ -214,7 +214,7 @@ def detect_cells_tiled(
     pixel_size_um: float,
     cell_diameter_um: float,
     method: str = "log",
-    tile: int = 2048,
+    tile: int = 4096,
     overlap: int | None = None,
     workers: int = 1,
     **kw: Any,
@@ -426,8 +426,23 @@ def _detect_tiled(
     if min_brightness > 0:
         above = cells["intensity"].to_numpy() - cells["background"].to_numpy()
         cells = cells[above >= min_brightness * ctx.bright_range]
-    order = np.lexsort((cells["x"].to_numpy(), cells["y"].to_numpy()))  # by y, then x
+    order = _row_major_order(cells["x"].to_numpy(), cells["y"].to_numpy())
     return cells.iloc[order][list(columns)].reset_index(drop=True)
+
+
+def _row_major_order(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``np.lexsort((x, y))`` (by y, then x, then position), fast when ties in y are rare."""
+    order = np.argsort(y)
+    ys = y[order]
+    tied = np.flatnonzero(ys[1:] == ys[:-1])
+    if len(tied):
+        # runs of equal y: sort each by x, then by original position
+        run_start = tied[np.r_[True, np.diff(tied) > 1]]
+        run_end = tied[np.r_[np.diff(tied) > 1, True]] + 2
+        for a, b in zip(run_start, run_end, strict=True):
+            members = order[a:b]
+            order[a:b] = members[np.lexsort((members, x[members]))]
+    return order
 
 
 def _model_scales(options: dict[str, Any]) -> tuple[float, ...]:
@@ -560,8 +575,12 @@ def _block_stats(
     bottom = rows.min(axis=1).reshape(hb, wb, sub).min(axis=2)
     means = block_mean(fine, sub)
     saturated = 0
-    if np.issubdtype(dtype, np.integer) and inner.size and inner.max() >= np.iinfo(dtype).max:
-        saturated = _saturated(inner, dtype)
+    if np.issubdtype(dtype, np.integer) and inner.size:
+        # an area mean holding one pixel at the maximum (the others at the minimum, at worst)
+        # reaches this: the pixels are counted only when some block does
+        info, n = np.iinfo(dtype), factor * factor
+        if (top >= (float(info.max) + (n - 1) * float(info.min)) / n - 1).any():
+            saturated = _saturated(inner, dtype)
     return means, top > bottom, saturated
 
 
@@ -690,7 +709,8 @@ def log_window(
         return None, extra
     points = points.reshape(-1, 2).astype(np.intp)
     xs, ys = points[:, 0], points[:, 1]
-    dx, dy = _subpixel(best, ys, xs)
+    max_elongation = float(ctx.options.get("max_elongation", _MAX_ELONGATION) or 0)
+    dx, dy, blob = _peak_shape(best, ys, xs, max_elongation)
     x = (xs + dx + 0.5) * f - 0.5 + x0
     y = (ys + dy + 0.5) * f - 0.5 + y0
     scale = np.asarray(ctx.scales)[which[ys, xs]] if which is not None else ctx.scales[0]
@@ -707,7 +727,6 @@ def log_window(
         ]
     )
     ok, x, y = _border_cells(data, y0, x0, x, y, scale, edge, ctx)
-    max_elongation = ctx.options.get("max_elongation", _MAX_ELONGATION)
     if max_elongation:
         # next to the image border a cell merges with its mirror image into an elongated
         # response; _border_cells has checked those
@@ -715,7 +734,7 @@ def log_window(
         inside = (np.minimum(x + 0.5, ctx.width - 0.5 - x) > reach) & (
             np.minimum(y + 0.5, ctx.height - 0.5 - y) > reach
         )
-        ok &= ~inside | _blob_like(best, ys, xs, float(max_elongation))
+        ok &= ~inside | blob
     if not ok.all():
         xs, ys, x, y, scale = xs[ok], ys[ok], x[ok], y[ok], scale[ok]
         if not len(xs):
@@ -951,42 +970,37 @@ def peak_features(
     return intensity.astype(np.float64), mean.astype(np.float64)
 
 
-def _blob_like(response: np.ndarray, ys: np.ndarray, xs: np.ndarray, ratio: float) -> np.ndarray:
-    """Whether the maxima ``(ys, xs)`` of ``response`` are blobs rather than ridges: both
-    principal curvatures negative and their ratio below ``ratio`` (Lowe's edge test, from the
-    Hessian's trace and determinant: ``tr² / det < (r + 1)² / r``). Ridges are what the LoG
-    makes of tissue edges, neurites and vessels."""
+def _peak_shape(
+    response: np.ndarray, ys: np.ndarray, xs: np.ndarray, ratio: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sub-pixel offsets of the maxima ``(ys, xs)`` of ``response`` (a parabola through each
+    and its two neighbours per axis), and whether each is a blob rather than a ridge: both
+    principal curvatures negative and their ratio below ``ratio`` (Lowe's edge test on the
+    Hessian's trace and determinant, ``tr² / det < (r + 1)² / r``; 0: every maximum is). Ridges
+    are what the LoG makes of tissue edges, neurites and vessels."""
     h, w = response.shape
     flat = response.ravel()
     at = ys * w + xs
-    left, right = at - (xs > 0), at + (xs < w - 1)
-    up, down = at - w * (ys > 0), at + w * (ys < h - 1)
-    c = 2 * flat[at]
-    dxx = flat[left] + flat[right] - c
-    dyy = flat[up] + flat[down] - c
+    step_x, step_y = (xs < w - 1).astype(np.intp), w * (ys < h - 1)
+    back_x, back_y = (xs > 0).astype(np.intp), w * (ys > 0)
+    c = flat[at]
+    left, right, up, down = (
+        flat[at - back_x],
+        flat[at + step_x],
+        flat[at - back_y],
+        flat[at + step_y],
+    )
+    dxx, dyy = left + right - 2 * c, up + down - 2 * c
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dx = np.clip(np.where(dxx < 0, 0.5 * (left - right) / dxx, 0.0), -0.5, 0.5)
+        dy = np.clip(np.where(dyy < 0, 0.5 * (up - down) / dyy, 0.0), -0.5, 0.5)
+    if not ratio:
+        return dx, dy, np.ones(len(at), bool)
     dxy = (
-        flat[up - at + right]
-        - flat[up - at + left]
-        - flat[down - at + right]
-        + flat[down - at + left]
+        flat[at - back_y + step_x]
+        - flat[at - back_y - back_x]
+        - flat[at + step_y + step_x]
+        + flat[at + step_y - back_x]
     ) / 4
     tr, det = dxx + dyy, dxx * dyy - dxy * dxy
-    return (tr < 0) & (det > 0) & (tr * tr * ratio < (ratio + 1) ** 2 * det)
-
-
-def _subpixel(response: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Peak offsets from a parabola through each peak and its two neighbours per axis."""
-    h, w = response.shape
-    flat = response.ravel()
-    at = ys * w + xs
-    c = flat[at]
-    offsets = []
-    for lo, hi in (
-        (flat[at - (xs > 0)], flat[at + (xs < w - 1)]),
-        (flat[at - w * (ys > 0)], flat[at + w * (ys < h - 1)]),
-    ):
-        denom = lo - 2 * c + hi
-        with np.errstate(divide="ignore", invalid="ignore"):
-            off = np.where(denom < 0, 0.5 * (lo - hi) / denom, 0.0)
-        offsets.append(np.clip(off, -0.5, 0.5))
-    return offsets[0], offsets[1]
+    return dx, dy, (tr < 0) & (det > 0) & (tr * tr * ratio < (ratio + 1) ** 2 * det)

@@ -468,3 +468,16 @@ def test_tissue_edges_and_padding_give_no_cells(kind: str) -> None:
     assert len(found) - round(precision * len(found)) <= 2
     if kind == "dark tissue edge":
         assert len(detect_cells(image, max_elongation=0, **kw)) > len(centres) + 20
+
+
+def test_cells_are_in_row_major_order_as_lexsort_puts_them() -> None:
+    """The fast ordering of the cells equals ``np.lexsort((x, y))``, ties in y (and in both)
+    included."""
+    from cellmap2d.segmentation import _row_major_order
+
+    rng = np.random.default_rng(1)
+    for n in (0, 1, 7, 5000):
+        for distinct in (3, 60, 10**9):
+            y = rng.integers(0, distinct, n).astype(np.float64)
+            x = rng.integers(0, 4, n).astype(np.float64)
+            assert np.array_equal(_row_major_order(x, y), np.lexsort((x, y)))
