@@ -959,10 +959,18 @@ def peak_features(
     gauss2 /= gauss2.sum()
     disk = (offs[:, None] ** 2 + offs[None, :] ** 2) <= radius_c**2
     weights = np.stack([gauss2.ravel(), disk.ravel() / disk.sum()]).astype(np.float32)
-    # one gather of every (2k+1)² patch of the edge-extended image, then one product
-    padded = cv2.copyMakeBorder(np.ascontiguousarray(coarse), k, k, k, k, cv2.BORDER_REPLICATE)
-    windows = np.lib.stride_tricks.sliding_window_view(padded, (2 * k + 1, 2 * k + 1))
-    patches = windows[ys, xs].reshape(len(ys), -1)
+    # every (2k+1)² patch (edge-extended) in one gather through a sliding-window view, then
+    # one product; the few patches that cross the edge are gathered with clipped indices
+    h, w = coarse.shape
+    patches = np.empty((len(ys), (2 * k + 1) ** 2), coarse.dtype)
+    inner = (ys >= k) & (ys < h - k) & (xs >= k) & (xs < w - k)
+    if inner.any():
+        windows = np.lib.stride_tricks.sliding_window_view(coarse, (2 * k + 1, 2 * k + 1))
+        patches[inner] = windows[ys[inner] - k, xs[inner] - k].reshape(int(inner.sum()), -1)
+    if not inner.all():
+        rows = np.clip(ys[~inner, None] + offs, 0, h - 1)
+        cols = np.clip(xs[~inner, None] + offs, 0, w - 1)
+        patches[~inner] = coarse[rows[:, :, None], cols[:, None, :]].reshape(len(rows), -1)
     # einsum, not BLAS: a threaded GEMM here would take the other core
     intensity, mean = np.einsum("nk,fk->fn", patches, weights)
     return intensity.astype(np.float64), mean.astype(np.float64)
