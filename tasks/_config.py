@@ -9,6 +9,7 @@ from pathlib import Path
 import luigi
 
 from cellmap2d.atlas import Atlas, load_atlas, read_atlas_h5
+from cellmap2d.identity import MIXTURES
 from cellmap2d.io import BrainImage, BrainSpec, open_brain, read_manifest
 
 ANCHORING_BACKENDS = ["search", "deepslice", "deepslice+search", "quint"]
@@ -40,6 +41,11 @@ class cellmap2d(luigi.Config):  # noqa: N801  (the section name in luigi.cfg)
     bootstrap = luigi.IntParameter(default=100)
     identity_region = luigi.Parameter(
         default="", description="compare only inside this region and its descendants, e.g. VISp"
+    )
+    identity_mixture = luigi.ChoiceParameter(
+        choices=list(MIXTURES),
+        default="emm",
+        description="the mixture fit that is `fraction` (see identity.brain_identity)",
     )
 
 

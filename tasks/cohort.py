@@ -74,6 +74,7 @@ class Identity(StoreTask):
                 n_boot=settings().bootstrap,
                 progress=self.progress,
                 region_mask=region_mask,
+                mixture=settings().identity_mixture,
             )
         with self.output().temporary_path() as tmp:
             table.to_csv(tmp, index=False)

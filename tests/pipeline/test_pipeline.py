@@ -255,3 +255,24 @@ def test_bad_brain_fails_the_run_but_not_the_others(world, store: Path, tmp_path
         assert not (store / "brains" / "broken" / "identity.csv").exists()
     finally:
         _configure(manifest=world.manifest)
+
+
+def test_identity_mixture_setting_chooses_the_reported_fraction(world, store: Path) -> None:
+    """``identity_mixture`` picks which mixture fit is ``fraction``; the default is ``emm``."""
+    from tasks import Identity
+
+    brain_id = world.config.brains[-1].brain_id
+    path = store / "brains" / brain_id / "identity.csv"
+    default = pd.read_csv(path)
+    np.testing.assert_array_equal(default["fraction"], default["fraction_emm"])
+    try:
+        _configure(identity_mixture="nnls")
+        path.unlink()
+        assert _build([Identity(brain_id=brain_id)]).status == LuigiStatusCode.SUCCESS
+        table = pd.read_csv(path)
+        np.testing.assert_array_equal(table["fraction"], table["fraction_nnls"])
+        assert table.loc[table["rank"] == 1, "fraction"].item() == table["fraction_nnls"].max()
+    finally:
+        _configure(identity_mixture="emm")
+        path.unlink(missing_ok=True)
+        assert _build([Identity(brain_id=brain_id)]).status == LuigiStatusCode.SUCCESS
