@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from . import segmentation as seg
 
 __all__ = [
     "DetectorModel",
+    "best_probability_threshold",
     "load_model",
     "mask_centroids",
     "match_points",
@@ -251,6 +253,10 @@ def train_detector(
 
     Candidates are LoG maxima at ``candidate_threshold``; a candidate is positive when it is
     matched one-to-one within the cell's equivalent radius to a mask cell (:func:`match_points`).
+    The random forest's probability threshold is the one with the best F1 over the training
+    cells on its out-of-bag predictions (each candidate judged by the trees that did not see
+    it; :func:`best_probability_threshold`), so a model whose probabilities run low or high
+    (as balanced class weights make them) still cuts where detection is best.
 
     Parameters
     ----------
@@ -262,9 +268,10 @@ def train_detector(
     model = DetectorModel(
         None, pixel_size_um, cell_diameter_um, candidate_threshold, scales=tuple(scales)
     )
-    rows, labels = [], []
+    rows, labels, n_truth = [], [], 0
     for image, mask in zip(images, masks, strict=True):
         truth, radii = mask_centroids(mask)
+        n_truth += len(truth)
         cand = candidates(image, model)
         if cand is None or len(cand) == 0:
             continue
@@ -275,12 +282,42 @@ def train_detector(
         raise ValueError("no candidates in the training images")
     x, y = np.concatenate(rows), np.concatenate(labels)
     clf = RandomForestClassifier(
-        n_estimators=300, min_samples_leaf=5, class_weight="balanced", random_state=seed, n_jobs=1
+        n_estimators=300,
+        min_samples_leaf=5,
+        class_weight="balanced",
+        oob_score=True,
+        random_state=seed,
+        n_jobs=1,
     )
-    clf.fit(x, y)
+    with warnings.catch_warnings():
+        # a candidate in every tree's bootstrap has no out-of-bag estimate (NaN, ignored)
+        warnings.filterwarnings("ignore", message="Some inputs do not have OOB scores")
+        clf.fit(x, y)
     model.classifier = clf
-    model.info = {"n_candidates": int(len(y)), "n_positive": int(y.sum())}
+    if len(clf.classes_) == 2:
+        oob = clf.oob_decision_function_[:, 1]
+        model.probability_threshold = best_probability_threshold(oob, y, n_truth)
+    model.info = {"n_candidates": int(len(y)), "n_positive": int(y.sum()), "n_cells": n_truth}
     return model
+
+
+def best_probability_threshold(
+    probability: np.ndarray, positive: np.ndarray, n_cells: int
+) -> float:
+    """The probability cut (0.05, 0.10, …, 0.95) with the best F1 when candidates at or above
+    it are detections: true positives are the ``positive`` candidates kept, false negatives
+    the ``n_cells`` annotated cells not among them (those no candidate reached included).
+    Ties go to the cut closest to 0.5; NaN probabilities (never out of bag) are ignored."""
+    cuts = np.round(np.arange(0.05, 0.951, 0.05), 2)
+    p = np.asarray(probability, float)
+    ok = np.isfinite(p)
+    kept = p[None, ok] >= cuts[:, None]
+    positive = np.asarray(positive, bool)[ok]
+    tp = (kept & positive).sum(axis=1)
+    fp = (kept & ~positive).sum(axis=1)
+    f1 = 2 * tp / np.maximum(2 * tp + fp + (n_cells - tp), 1)
+    best = cuts[np.isclose(f1, f1.max())]
+    return float(best[np.argmin(np.abs(best - 0.5))])
 
 
 def candidates_window(data: np.ndarray, y0: int, x0: int, ctx: seg.Context) -> pd.DataFrame | None:
