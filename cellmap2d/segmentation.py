@@ -140,11 +140,12 @@ def detect_cells(
     no cells and are left out of the noise and value samples. A maximum must be a blob, not a
     ridge: its principal curvatures (Hessian of the response) both negative and their ratio
     below ``max_elongation`` (default 20; 0 turns the test off) — the LoG of a straight edge
-    of tissue, a neurite or a vessel is a ridge whose noise makes a row of maxima. Cells cut by the image border are found when their centre lies inside the image
-    (a cell centred outside belongs to the abutting image): the filters mirror the image at
-    its border, and a maximum on the outermost pixels is kept only if the pixels across and
-    along the border fit a cell's profile (not a ramp or an edge of tissue running into the
-    border); cells within one radius of the border are placed by that fit.
+    of tissue, a neurite or a vessel is a ridge whose noise makes a row of maxima. Cells cut
+    by the image border are found when their centre lies inside the image (a cell centred
+    outside belongs to the abutting image): the filters mirror the image at its border, and
+    a maximum on the outermost pixels is kept only if the pixels across and along the border
+    fit a cell's profile (not a ramp or an edge of tissue running into the border); cells
+    within one radius of the border are placed by that fit.
 
     ``watershed``: markers = the ``log`` detections (same ``threshold``, ``threshold_unit``,
     ``scales``); watershed of the smoothed image from them, each cell being the pixels at least
@@ -820,10 +821,7 @@ def _border_cells(
                         keep[i] = False
                         continue
                     # the profile along the border must be a peak too (not an edge of tissue)
-                    side_fit = _profile_fit(
-                        plane.T, 0.0, sigma_t[i], radius[i], centre_at=rows[j], width=sigma_t[i] / 2
-                    )
-                    if side_fit is None or not side_fit[1]:
+                    if not _peak_along_border(plane, rows[j], sigma_t[i], radius[i]):
                         keep[i] = False
                         continue
                 if good[j]:
@@ -882,37 +880,21 @@ def _gaussian_profile_fit(
     return centres[best], good
 
 
-def _profile_fit(
-    plane: np.ndarray,
-    row: float,
-    sigma_t: float,
-    radius: float,
-    *,
-    centre_at: float | None = None,
-    width: float | None = None,
-) -> tuple[float, bool] | None:
-    """Fit ``B + A·exp(−(u − c)²/2σ²)`` to the profile along the columns of ``plane`` starting
-    at column 0 (``u`` = column index), averaged over the rows within ``width`` (default σ/2)
-    of ``row``; ``c`` free over [−1.5σ, radius] or, with ``centre_at``, within σ/2 of it (then
-    the profile covers ``centre_at`` ± (radius + 2.5σ)). Returns the best centre with ``A > 0``
-    and whether it fits ``_BORDER_FIT`` better than a straight line; ``None`` without pixels."""
-    half = max(1.0, sigma_t / 2) if width is None else width
-    r0, r1 = max(0, int(np.floor(row - half))), min(plane.shape[0], int(np.ceil(row + half)) + 1)
-    if r1 <= r0:
-        return None
+def _peak_along_border(plane: np.ndarray, along: float, sigma_t: float, radius: float) -> bool:
+    """Whether the profile along the border of ``plane`` (rows: along the border; column 0:
+    the outermost pixels), averaged over the outermost σ/2 pixels and covering ``along`` ±
+    (radius + 2.5σ), fits ``B + A·exp(−(u − c)²/2σ²)``, ``A > 0``, with ``c`` within σ/2 of
+    ``along``, ``_BORDER_FIT`` better than a straight line (False without pixels)."""
+    depth = min(plane.shape[1], int(np.ceil(sigma_t / 2)) + 1)
     reach = int(np.ceil(radius + 2.5 * sigma_t))
-    if centre_at is None:
-        c0, c1 = 0, min(plane.shape[1], reach)
-        centres = np.arange(-1.5 * sigma_t, radius + 1e-9, 0.05 * sigma_t)
-    else:
-        c0 = max(0, int(np.floor(centre_at - reach)))
-        c1 = min(plane.shape[1], int(np.ceil(centre_at + reach)) + 1)
-        centres = centre_at + np.arange(-0.5, 0.5 + 1e-9, 0.05) * sigma_t
-    if c1 - c0 < 4:
-        return None
-    profile = np.asarray(plane[r0:r1, c0:c1], np.float64).mean(axis=0)
-    centre, good = _gaussian_profile_fit(profile[None, :], np.arange(c0, c1), centres, sigma_t)
-    return float(centre[0]), bool(good[0])
+    c0 = max(0, int(np.floor(along - reach)))
+    c1 = min(plane.shape[0], int(np.ceil(along + reach)) + 1)
+    if depth < 1 or c1 - c0 < 4:
+        return False
+    profile = np.asarray(plane[c0:c1, :depth], np.float64).mean(axis=1)
+    centres = along + np.arange(-0.5, 0.5 + 1e-9, 0.05) * sigma_t
+    _, good = _gaussian_profile_fit(profile[None, :], np.arange(c0, c1), centres, sigma_t)
+    return bool(good[0])
 
 
 def _grid_samples(
