@@ -405,22 +405,19 @@ def score_types(
         rng = np.random.default_rng(seed)
         boots = np.zeros((n_boot, len(names)))
         valid = np.zeros(n_boot, dtype=bool)
-        if mixture == "emm":
+        # the cell-likelihood fits, refitted to resampled cell counts from the full-data fit
+        refit: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+            "emm": lambda w: emm_mixture(
+                L, bonus_m, w, starts=(fraction[has_mass],), uniform=False, tol=_BOOT_TOL
+            ),
+            "emc": lambda w: em_mixture(Lc, w, start=fraction[has_mass]),
+            "em": lambda w: em_mixture(L, w, start=fraction[has_mass]),
+        }
+        if mixture in refit:
             for b in range(n_boot):
                 w = sample.resample(rng)[in_mask]
                 if w.sum() > 0:
-                    boots[b, has_mass] = emm_mixture(
-                        L, bonus_m, w, starts=(fraction[has_mass],), uniform=False, tol=_BOOT_TOL
-                    )
-                    valid[b] = True
-                if (b + 1) % 16 == 0 or b + 1 == n_boot:
-                    say(f"bootstrap {b + 1}/{n_boot}")
-        elif mixture in ("em", "emc"):
-            Lb = L if mixture == "em" else Lc
-            for b in range(n_boot):
-                w = sample.resample(rng)[in_mask]
-                if w.sum() > 0:
-                    boots[b, has_mass] = em_mixture(Lb, w, start=fraction[has_mass])
+                    boots[b, has_mass] = refit[mixture](w)
                     valid[b] = True
                 if (b + 1) % 16 == 0 or b + 1 == n_boot:
                     say(f"bootstrap {b + 1}/{n_boot}")
