@@ -115,6 +115,27 @@ def tissue_mask(image: np.ndarray, *, smooth_px: float = 1.0) -> np.ndarray:
     return mask
 
 
+def _outline_mask(image: np.ndarray) -> np.ndarray:
+    """The whole tissue outline, dark fibre tracts included (for the initial placement).
+
+    Half Otsu's threshold on a smoothed image, closed, holes filled, small parts dropped:
+    :func:`tissue_mask` leaves out white matter that is dark in a template, which would bias
+    the area (hence the scale) of the placement.
+    """
+    from skimage.filters import threshold_otsu
+
+    smooth = ndi.gaussian_filter(np.asarray(image, dtype=np.float32), 2.0)
+    if float(smooth.max()) == float(smooth.min()):
+        return np.zeros(smooth.shape, dtype=bool)
+    mask = ndi.binary_closing(smooth > 0.5 * threshold_otsu(smooth), iterations=3)
+    mask = ndi.binary_fill_holes(ndi.binary_opening(mask, iterations=1))
+    labels, n = ndi.label(mask)
+    if n > 1:
+        sizes = ndi.sum(mask, labels, range(1, n + 1))
+        mask = np.isin(labels, 1 + np.flatnonzero(sizes >= 0.05 * sizes.max()))
+    return mask
+
+
 def _normalise(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     data = np.asarray(image, dtype=np.float32)
     values = data[mask] if mask.any() else data.ravel()
@@ -126,6 +147,9 @@ def refine(
     section_image: np.ndarray,
     atlas_slice: np.ndarray,
     *,
+    section_pixel_um: float = 1.0,
+    atlas_pixel_um: float | None = None,
+    initial: str = "auto",
     section_mask: np.ndarray | None = None,
     atlas_mask: np.ndarray | None = None,
     syn: bool = True,
@@ -137,26 +161,40 @@ def refine(
     syn_total_sigma: float = 1.0,
     min_jacobian: float = 0.3,
 ) -> Refinement:
-    """Refine an anchored section: ANTs affine, then regularised SyN, atlas slice → section.
+    """Refine a section onto an atlas slice: initial placement, ANTs affine, regularised SyN.
 
-    A step is kept only if it raises the image similarity (Mattes mutual information within
-    the tissue masks); otherwise the previous stage stands (``method`` says which).
-    Deterministic for a given ``random_seed`` ≥ 1 (ANTs takes 0 as "seed from the clock") as
-    long as ITK runs with one thread (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1``, which
-    ``import cellmap2d`` sets unless the environment already has it).
+    The two images may differ in shape and pixel size: both are put in one physical plane
+    (ANTs images with their pixel spacing), the atlas slice is placed on the section
+    (``initial``), then an affine and a regularised SyN refine it. A step is kept only if it
+    raises the image similarity (Mattes mutual information within the tissue masks);
+    otherwise the previous stage stands (``method`` says which). The result maps section
+    pixels ``(x, y)`` = (column, row) to atlas-slice pixels. Deterministic for a given
+    ``random_seed`` ≥ 1 (ANTs takes 0 as "seed from the clock") as long as ITK runs with one
+    thread (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1``, which ``import cellmap2d`` sets
+    unless the environment already has it).
 
     Parameters
     ----------
     section_image
-        The section (e.g. autofluorescence thumbnail).
+        The section (e.g. autofluorescence thumbnail), 2-D.
     atlas_slice
-        The atlas template sampled through the anchoring on the same pixel grid.
+        The atlas template slice, 2-D; in the pipeline, sampled through the anchoring on the
+        section's own pixel grid (same shape and pixel size).
+    section_pixel_um, atlas_pixel_um
+        Pixel sizes (any common unit); ``atlas_pixel_um=None`` means the same as the section.
+    initial
+        Placement before the affine: ``"frame"`` (image centres on each other at physical
+        scale; for images of one shape and pixel size, the identity, i.e. the anchoring),
+        ``"moments"`` (tissue-mask centroids on each other, scale from the tissue areas, the
+        rotation within ±20° that maximises the tissue-mask overlap), or ``"auto"``:
+        ``"frame"`` when shape and pixel size agree (the anchoring already placed the slice),
+        else ``"moments"``.
     section_mask, atlas_mask
         Tissue masks; Otsu masks when not given.
     syn
         Whether to try the deformable step.
     syn_flow_sigma
-        SyN update-field smoothing (pixels): larger is stiffer.
+        SyN update-field smoothing (section pixels): larger is stiffer.
     syn_iterations
         SyN iterations at 4×, 2× and 1× shrink. The default skips full resolution: the
         deformation is estimated on the 2×-shrunk grid (smoother, and 2–3× faster).
@@ -179,18 +217,42 @@ def refine(
         raise ValueError("random_seed must be >= 1; ANTs treats 0 as a clock seed")
     if syn_metric not in ("CC", "mattes"):
         raise ValueError(f"syn_metric must be 'CC' or 'mattes', not {syn_metric!r}")
+    if initial not in ("auto", "frame", "moments"):
+        raise ValueError(f"initial must be 'auto', 'frame' or 'moments', not {initial!r}")
+    atlas_um = section_pixel_um if atlas_pixel_um is None else atlas_pixel_um
+    if not (section_pixel_um > 0 and atlas_um > 0):
+        raise ValueError("pixel sizes must be positive")
     _deterministic(ants, random_seed)
     section = np.asarray(section_image, dtype=np.float32)
     atlas = np.asarray(atlas_slice, dtype=np.float32)
-    if section.shape != atlas.shape or section.ndim != 2:
-        raise ValueError(f"section {section.shape} and atlas slice {atlas.shape} must be same 2-D")
+    if section.ndim != 2 or atlas.ndim != 2:
+        raise ValueError(f"section {section.shape} and atlas slice {atlas.shape} must be 2-D")
+    # physical unit = one section pixel; an atlas pixel is `ratio` of them
+    ratio = float(atlas_um) / float(section_pixel_um)
+    same_frame = section.shape == atlas.shape and ratio == 1.0
+    if initial == "auto":
+        initial = "frame" if same_frame else "moments"
     smask = tissue_mask(section) if section_mask is None else np.asarray(section_mask, bool)
     amask = tissue_mask(atlas) if atlas_mask is None else np.asarray(atlas_mask, bool)
+    if smask.shape != section.shape or amask.shape != atlas.shape:
+        raise ValueError("each mask must have its image's shape")
+    frame = _frame_affine(section.shape, atlas.shape, ratio)
+    frame_ref = _linear_refinement(frame, section.shape, ratio, "anchoring")
     if smask.sum() < 50 or amask.sum() < 50:
-        return _with_mask_qc(Refinement.identity(section.shape), smask, amask)
+        return _with_mask_qc(frame_ref, smask, amask, frame_ref)
+    if initial == "moments":
+        start = _moments_affine(
+            _outline_mask(section) if section_mask is None else smask,
+            _outline_mask(atlas) if atlas_mask is None else amask,
+            ratio,
+        )
+        start_ref = _linear_refinement(start, section.shape, ratio, "initial")
+    else:
+        start, start_ref = frame, frame_ref
     fixed = ants.from_numpy(_normalise(section, smask))
-    moving = ants.from_numpy(_normalise(atlas, amask))
-    region = ndi.binary_dilation(smask | amask, iterations=3)
+    moving = ants.from_numpy(_normalise(atlas, amask), spacing=(ratio, ratio))
+    start_amask = start_ref.warp_labels(amask.astype(np.uint8)).astype(bool)
+    region = ndi.binary_dilation(smask | start_amask, iterations=3)
     fixed_mask = ants.from_numpy(region.astype(np.float32))
 
     def similarity(warped: ants.ANTsImage) -> float:
@@ -205,7 +267,22 @@ def refine(
 
     workdir = tempfile.mkdtemp(prefix="cellmap2d-ants-")
     try:
-        qc = {"similarity_anchoring": similarity(moving)}
+        if same_frame and initial == "frame":
+            init: str | list[str] = "identity"
+            qc = {"similarity_anchoring": similarity(moving)}
+        else:
+            init = [_write_affine(ants, start, os.path.join(workdir, "init.mat"))]
+            qc = {
+                "similarity_anchoring": similarity(
+                    ants.apply_transforms(
+                        fixed,
+                        moving,
+                        [_write_affine(ants, frame, os.path.join(workdir, "frame.mat"))],
+                    )
+                ),
+                "similarity_initial": similarity(ants.apply_transforms(fixed, moving, init)),
+            }
+        base = qc.get("similarity_initial", qc["similarity_anchoring"])
         aff = ants.registration(
             fixed,
             moving,
@@ -213,15 +290,15 @@ def refine(
             aff_metric="mattes",
             random_seed=random_seed,
             outprefix=os.path.join(workdir, "aff_"),
-            initial_transform="identity",
+            initial_transform=init,
             aff_iterations=(200, 100, 50),
             aff_shrink_factors=(4, 2, 1),
             aff_smoothing_sigmas=(2, 1, 0),
         )
         qc["similarity_affine"] = similarity(aff["warpedmovout"])
-        if qc["similarity_affine"] <= qc["similarity_anchoring"] + _MIN_GAIN:
-            refinement = Refinement.identity(section.shape, qc)
-            transforms = None
+        if qc["similarity_affine"] <= base + _MIN_GAIN:
+            start_ref.qc.update(qc)
+            refinement = start_ref
         else:
             transforms, method = aff["fwdtransforms"], "affine"
             if syn:
@@ -253,11 +330,76 @@ def refine(
                     qc["min_jacobian"] = qc["syn_min_jacobian"]
             if "min_jacobian" not in qc:
                 qc["min_jacobian"] = float(abs(np.linalg.det(_affine_matrix(transforms[-1]))))
-            dense = _dense_map(transforms, section.shape)
+            dense = _dense_map(transforms, section.shape, ratio)
             refinement = Refinement(dense, method, qc)
-        return _with_mask_qc(refinement, smask, amask)
+        return _with_mask_qc(refinement, smask, amask, frame_ref, start_ref)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _frame_affine(
+    section_shape: tuple[int, int], atlas_shape: tuple[int, int], ratio: float
+) -> np.ndarray:
+    """(2, 3) map section physical (row, col) → atlas physical: image centres on each other."""
+    centre_s = (np.asarray(section_shape, float) - 1) / 2
+    centre_a = (np.asarray(atlas_shape, float) - 1) / 2 * ratio
+    return np.hstack([np.eye(2), (centre_a - centre_s)[:, None]])
+
+
+def _moments_affine(smask: np.ndarray, amask: np.ndarray, ratio: float) -> np.ndarray:
+    """(2, 3) similarity map section physical → atlas physical from the two tissue masks.
+
+    Centroids on each other, scale from the tissue areas, then the rotation (±20° in 2°
+    steps, then ±1° in 0.25° steps) that maximises the Dice of the masks (every 2nd pixel).
+    """
+    rows, cols = np.nonzero(smask)
+    centre_s = np.array([rows.mean(), cols.mean()])
+    arows, acols = np.nonzero(amask)
+    centre_a = np.array([arows.mean(), acols.mean()]) * ratio
+    scale = float(np.sqrt(amask.sum() * ratio**2 / smask.sum()))
+    sub = np.mgrid[0 : smask.shape[0] : 2, 0 : smask.shape[1] : 2].reshape(2, -1).astype(float)
+    s_sub = smask[::2, ::2].ravel()
+
+    def affine(theta: float) -> np.ndarray:
+        c, s = np.cos(theta), np.sin(theta)
+        linear = scale * np.array([[c, -s], [s, c]])
+        return np.hstack([linear, (centre_a - linear @ centre_s)[:, None]])
+
+    def dice(theta: float) -> float:
+        mat = affine(theta)
+        pts = (mat[:, :2] @ sub + mat[:, 2:]) / ratio
+        hit = ndi.map_coordinates(amask.astype(np.uint8), pts, order=0, cval=0).astype(bool)
+        return _dice(hit, s_sub)
+
+    coarse = np.radians(np.arange(-20.0, 20.0 + 1e-9, 2.0))
+    best = coarse[int(np.argmax([dice(t) for t in coarse]))]
+    fine = best + np.radians(np.arange(-1.0, 1.0 + 1e-9, 0.25))
+    return affine(float(fine[int(np.argmax([dice(t) for t in fine]))]))
+
+
+def _linear_refinement(
+    mat: np.ndarray, shape: tuple[int, int], ratio: float, method: str
+) -> Refinement:
+    """The dense map of a (2, 3) physical affine (exact identity when it is the identity)."""
+    if np.array_equal(mat, np.hstack([np.eye(2), np.zeros((2, 1))])) and ratio == 1.0:
+        return Refinement.identity(shape)
+    rc = np.mgrid[0 : shape[0], 0 : shape[1]].reshape(2, -1).astype(np.float64)
+    mapped = (mat[:, :2] @ rc + mat[:, 2:]) / ratio
+    dense = mapped[::-1].reshape(2, *shape).astype(np.float32)  # (x, y) = (col, row)
+    return Refinement(dense, method, {})
+
+
+def _write_affine(ants, mat: np.ndarray, path: str) -> str:  # noqa: ANN001
+    """Write a (2, 3) physical affine (fixed point → moving point) as an ANTs .mat file."""
+    tx = ants.create_ants_transform(
+        transform_type="AffineTransform",
+        dimension=2,
+        matrix=np.asarray(mat[:, :2], dtype=np.float64),
+        translation=np.asarray(mat[:, 2], dtype=np.float64),
+        center=np.zeros(2),
+    )
+    ants.write_transform(tx, path)
+    return path
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -265,13 +407,21 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / total) if total else float("nan")
 
 
-def _with_mask_qc(refinement: Refinement, smask: np.ndarray, amask: np.ndarray) -> Refinement:
+def _with_mask_qc(
+    refinement: Refinement,
+    smask: np.ndarray,
+    amask: np.ndarray,
+    frame: Refinement,
+    start: Refinement | None = None,
+) -> Refinement:
     """Add the QC every result carries to ``refinement.qc`` (the dict the result holds)."""
     qc = refinement.qc
     warped = refinement.warp_labels(amask.astype(np.uint8)).astype(bool)
     qc["tissue_px"] = float(smask.sum())
     qc["mask_dice"] = _dice(warped, smask)
-    qc["mask_dice_anchoring"] = _dice(amask, smask)
+    qc["mask_dice_anchoring"] = _dice(frame.warp_labels(amask.astype(np.uint8)) > 0, smask)
+    if start is not None and start is not frame:
+        qc["mask_dice_initial"] = _dice(start.warp_labels(amask.astype(np.uint8)) > 0, smask)
     qc.setdefault("min_jacobian", 1.0)  # the identity (anchoring) map does not fold
     return refinement
 
@@ -283,15 +433,18 @@ def _deterministic(ants, seed: int) -> None:
         config._random_seed = seed
 
 
-def _dense_map(transforms: list[str], shape: tuple[int, int]) -> np.ndarray:
-    """Atlas-slice position of every section pixel (ANTs point order is (row, column))."""
+def _dense_map(transforms: list[str], shape: tuple[int, int], ratio: float = 1.0) -> np.ndarray:
+    """Atlas-slice pixel of every section pixel (ANTs point order is (row, column)).
+
+    Physical units are section pixels; an atlas-slice pixel is ``ratio`` of them.
+    """
     import ants
 
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
     points = pd.DataFrame({"x": yy.ravel().astype(float), "y": xx.ravel().astype(float)})
     mapped = ants.apply_transforms_to_points(2, points, transforms)
-    rows = mapped["x"].to_numpy().reshape(shape)
-    cols = mapped["y"].to_numpy().reshape(shape)
+    rows = mapped["x"].to_numpy().reshape(shape) / ratio
+    cols = mapped["y"].to_numpy().reshape(shape) / ratio
     return np.stack([cols, rows]).astype(np.float32)
 
 
