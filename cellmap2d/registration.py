@@ -185,10 +185,11 @@ def refine(
     initial
         Placement before the affine: ``"frame"`` (image centres on each other at physical
         scale; for images of one shape and pixel size, the identity, i.e. the anchoring),
-        ``"moments"`` (tissue-mask centroids on each other, scale from the tissue areas, the
-        rotation within ±20° that maximises the tissue-mask overlap), or ``"auto"``:
-        ``"frame"`` when shape and pixel size agree (the anchoring already placed the slice),
-        else ``"moments"``.
+        ``"moments"`` (tissue-outline centroids on each other at physical scale, the
+        rotation within ±20° that maximises the outline overlap), or ``"auto"``: ``"frame"``
+        when shape and pixel size agree (the anchoring already placed the slice), else
+        whichever of the two gives the higher mutual information over the section's tissue
+        (``qc["initial_moments"]`` says which: 1 = moments).
     section_mask, atlas_mask
         Tissue masks; Otsu masks when not given.
     syn
@@ -230,8 +231,6 @@ def refine(
     # physical unit = one section pixel; an atlas pixel is `ratio` of them
     ratio = float(atlas_um) / float(section_pixel_um)
     same_frame = section.shape == atlas.shape and ratio == 1.0
-    if initial == "auto":
-        initial = "frame" if same_frame else "moments"
     smask = tissue_mask(section) if section_mask is None else np.asarray(section_mask, bool)
     amask = tissue_mask(atlas) if atlas_mask is None else np.asarray(atlas_mask, bool)
     if smask.shape != section.shape or amask.shape != atlas.shape:
@@ -240,101 +239,168 @@ def refine(
     frame_ref = _linear_refinement(frame, section.shape, ratio, "anchoring")
     if smask.sum() < 50 or amask.sum() < 50:
         return _with_mask_qc(frame_ref, smask, amask, frame_ref)
-    if initial == "moments":
-        start = _moments_affine(
-            _outline_mask(section) if section_mask is None else smask,
-            _outline_mask(atlas) if atlas_mask is None else amask,
-            ratio,
-        )
-        start_ref = _linear_refinement(start, section.shape, ratio, "initial")
-    else:
-        start, start_ref = frame, frame_ref
     fixed = ants.from_numpy(_normalise(section, smask))
     moving = ants.from_numpy(_normalise(atlas, amask), spacing=(ratio, ratio))
+    workdir = tempfile.mkdtemp(prefix="cellmap2d-ants-")
+    try:
+        return _refine_from(
+            ants,
+            fixed,
+            moving,
+            smask,
+            amask,
+            ratio,
+            initial,
+            same_frame,
+            frame,
+            frame_ref,
+            workdir,
+            section_mask is None,
+            atlas_mask is None,
+            section,
+            atlas,
+            syn=syn,
+            random_seed=random_seed,
+            syn_flow_sigma=syn_flow_sigma,
+            syn_iterations=syn_iterations,
+            syn_metric=syn_metric,
+            syn_radius=syn_radius,
+            syn_total_sigma=syn_total_sigma,
+            min_jacobian=min_jacobian,
+        )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _mattes(ants, fixed, warped, mask) -> float:  # noqa: ANN001
+    """Mattes mutual information of two images in the fixed frame within ``mask`` (higher
+    is better)."""
+    value = ants.image_similarity(
+        fixed, warped, metric_type="MattesMutualInformation", fixed_mask=mask, moving_mask=mask
+    )
+    return -float(value)
+
+
+def _refine_from(  # noqa: PLR0913
+    ants,  # noqa: ANN001
+    fixed,  # noqa: ANN001
+    moving,  # noqa: ANN001
+    smask: np.ndarray,
+    amask: np.ndarray,
+    ratio: float,
+    initial: str,
+    same_frame: bool,
+    frame: np.ndarray,
+    frame_ref: Refinement,
+    workdir: str,
+    own_smask: bool,
+    own_amask: bool,
+    section: np.ndarray,
+    atlas: np.ndarray,
+    *,
+    syn: bool,
+    random_seed: int,
+    syn_flow_sigma: float,
+    syn_iterations: tuple[int, ...],
+    syn_metric: str,
+    syn_radius: int,
+    syn_total_sigma: float,
+    min_jacobian: float,
+) -> Refinement:
+    """The body of :func:`refine` once images, masks and the unrefined frame are set up."""
+    frame_file = _write_affine(ants, frame, os.path.join(workdir, "frame.mat"))
+    candidates = {"frame": (frame, frame_ref, frame_file)}
+    if initial in ("moments", "auto") and not (initial == "auto" and same_frame):
+        moments = _moments_affine(
+            _outline_mask(section) if own_smask else smask,
+            _outline_mask(atlas) if own_amask else amask,
+            ratio,
+        )
+        candidates["moments"] = (
+            moments,
+            _linear_refinement(moments, section.shape, ratio, "initial"),
+            _write_affine(ants, moments, os.path.join(workdir, "moments.mat")),
+        )
+    if initial == "auto" and len(candidates) > 1:
+        # the placement whose atlas image matches the section's tissue best
+        tissue = ants.from_numpy(ndi.binary_dilation(smask, iterations=3).astype(np.float32))
+        scores = {
+            name: _mattes(ants, fixed, ants.apply_transforms(fixed, moving, [path]), tissue)
+            for name, (_, _, path) in candidates.items()
+        }
+        initial = max(scores, key=scores.get)
+    elif initial == "auto":
+        initial = "frame"
+    _, start_ref, start_file = candidates[initial]
     start_amask = start_ref.warp_labels(amask.astype(np.uint8)).astype(bool)
     region = ndi.binary_dilation(smask | start_amask, iterations=3)
     fixed_mask = ants.from_numpy(region.astype(np.float32))
 
     def similarity(warped: ants.ANTsImage) -> float:
-        value = ants.image_similarity(
-            fixed,
-            warped,
-            metric_type="MattesMutualInformation",
-            fixed_mask=fixed_mask,
-            moving_mask=fixed_mask,
-        )
-        return -float(value)
+        return _mattes(ants, fixed, warped, fixed_mask)
 
-    workdir = tempfile.mkdtemp(prefix="cellmap2d-ants-")
-    try:
-        if same_frame and initial == "frame":
-            init: str | list[str] = "identity"
-            qc = {"similarity_anchoring": similarity(moving)}
-        else:
-            init = [_write_affine(ants, start, os.path.join(workdir, "init.mat"))]
-            qc = {
-                "similarity_anchoring": similarity(
-                    ants.apply_transforms(
-                        fixed,
-                        moving,
-                        [_write_affine(ants, frame, os.path.join(workdir, "frame.mat"))],
-                    )
-                ),
-                "similarity_initial": similarity(ants.apply_transforms(fixed, moving, init)),
-            }
-        base = qc.get("similarity_initial", qc["similarity_anchoring"])
-        aff = ants.registration(
-            fixed,
-            moving,
-            type_of_transform="Affine",
-            aff_metric="mattes",
-            random_seed=random_seed,
-            outprefix=os.path.join(workdir, "aff_"),
-            initial_transform=init,
-            aff_iterations=(200, 100, 50),
-            aff_shrink_factors=(4, 2, 1),
-            aff_smoothing_sigmas=(2, 1, 0),
+    identity_start = same_frame and initial == "frame"
+    init: str | list[str] = "identity" if identity_start else [start_file]
+    qc = {
+        "similarity_anchoring": similarity(
+            moving if same_frame else ants.apply_transforms(fixed, moving, [frame_file])
         )
-        qc["similarity_affine"] = similarity(aff["warpedmovout"])
-        if qc["similarity_affine"] <= base + _MIN_GAIN:
-            start_ref.qc.update(qc)
-            refinement = start_ref
-        else:
-            transforms, method = aff["fwdtransforms"], "affine"
-            if syn:
-                for attempt, flow_sigma in enumerate((syn_flow_sigma, 2 * syn_flow_sigma)):
-                    deform = ants.registration(
-                        fixed,
-                        moving,
-                        type_of_transform="SyNOnly",
-                        syn_metric=syn_metric,
-                        syn_sampling=syn_radius if syn_metric == "CC" else 32,
-                        initial_transform=aff["fwdtransforms"],
-                        flow_sigma=flow_sigma,
-                        total_sigma=syn_total_sigma,
-                        reg_iterations=syn_iterations,
-                        random_seed=random_seed,
-                        outprefix=os.path.join(workdir, f"syn{attempt}_"),
-                    )
-                    gain = similarity(deform["warpedmovout"])
-                    jac = ants.create_jacobian_determinant_image(
-                        fixed, deform["fwdtransforms"][0]
-                    ).numpy()
-                    qc["similarity_syn"], qc["syn_min_jacobian"] = gain, float(jac[smask].min())
-                    qc["syn_flow_sigma"] = flow_sigma
-                    if qc["syn_min_jacobian"] >= min_jacobian:
-                        break
-                folds_ok = qc["syn_min_jacobian"] >= min_jacobian
-                if folds_ok and qc["similarity_syn"] > qc["similarity_affine"] + _MIN_GAIN:
-                    transforms, method = deform["fwdtransforms"], "syn"
-                    qc["min_jacobian"] = qc["syn_min_jacobian"]
-            if "min_jacobian" not in qc:
-                qc["min_jacobian"] = float(abs(np.linalg.det(_affine_matrix(transforms[-1]))))
-            dense = _dense_map(transforms, section.shape, ratio)
-            refinement = Refinement(dense, method, qc)
-        return _with_mask_qc(refinement, smask, amask, frame_ref, start_ref)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    }
+    if not same_frame or initial != "frame":
+        qc["initial_moments"] = float(initial == "moments")
+    if initial != "frame":
+        qc["similarity_initial"] = similarity(ants.apply_transforms(fixed, moving, init))
+    base = qc.get("similarity_initial", qc["similarity_anchoring"])
+    aff = ants.registration(
+        fixed,
+        moving,
+        type_of_transform="Affine",
+        aff_metric="mattes",
+        random_seed=random_seed,
+        outprefix=os.path.join(workdir, "aff_"),
+        initial_transform=init,
+        aff_iterations=(200, 100, 50),
+        aff_shrink_factors=(4, 2, 1),
+        aff_smoothing_sigmas=(2, 1, 0),
+    )
+    qc["similarity_affine"] = similarity(aff["warpedmovout"])
+    if qc["similarity_affine"] <= base + _MIN_GAIN:
+        start_ref.qc.update(qc)
+        refinement = start_ref
+    else:
+        transforms, method = aff["fwdtransforms"], "affine"
+        if syn:
+            for attempt, flow_sigma in enumerate((syn_flow_sigma, 2 * syn_flow_sigma)):
+                deform = ants.registration(
+                    fixed,
+                    moving,
+                    type_of_transform="SyNOnly",
+                    syn_metric=syn_metric,
+                    syn_sampling=syn_radius if syn_metric == "CC" else 32,
+                    initial_transform=aff["fwdtransforms"],
+                    flow_sigma=flow_sigma,
+                    total_sigma=syn_total_sigma,
+                    reg_iterations=syn_iterations,
+                    random_seed=random_seed,
+                    outprefix=os.path.join(workdir, f"syn{attempt}_"),
+                )
+                gain = similarity(deform["warpedmovout"])
+                jac = ants.create_jacobian_determinant_image(
+                    fixed, deform["fwdtransforms"][0]
+                ).numpy()
+                qc["similarity_syn"], qc["syn_min_jacobian"] = gain, float(jac[smask].min())
+                qc["syn_flow_sigma"] = flow_sigma
+                if qc["syn_min_jacobian"] >= min_jacobian:
+                    break
+            folds_ok = qc["syn_min_jacobian"] >= min_jacobian
+            if folds_ok and qc["similarity_syn"] > qc["similarity_affine"] + _MIN_GAIN:
+                transforms, method = deform["fwdtransforms"], "syn"
+                qc["min_jacobian"] = qc["syn_min_jacobian"]
+        if "min_jacobian" not in qc:
+            qc["min_jacobian"] = float(abs(np.linalg.det(_affine_matrix(transforms[-1]))))
+        dense = _dense_map(transforms, section.shape, ratio)
+        refinement = Refinement(dense, method, qc)
+    return _with_mask_qc(refinement, smask, amask, frame_ref, start_ref)
 
 
 def _frame_affine(
@@ -349,14 +415,16 @@ def _frame_affine(
 def _moments_affine(smask: np.ndarray, amask: np.ndarray, ratio: float) -> np.ndarray:
     """(2, 3) similarity map section physical → atlas physical from the two tissue masks.
 
-    Centroids on each other, scale from the tissue areas, then the rotation (±20° in 2°
+    Centroids on each other at physical scale (mouse brains differ in size by a few
+    percent, left to the affine; an area-based scale would fail on partial sections), then
+    the rotation (±20° in 2°
     steps, then ±1° in 0.25° steps) that maximises the Dice of the masks (every 2nd pixel).
     """
     rows, cols = np.nonzero(smask)
     centre_s = np.array([rows.mean(), cols.mean()])
     arows, acols = np.nonzero(amask)
     centre_a = np.array([arows.mean(), acols.mean()]) * ratio
-    scale = float(np.sqrt(amask.sum() * ratio**2 / smask.sum()))
+    scale = 1.0  # the pixel sizes fix the physical scale; the affine refines it
     sub = np.mgrid[0 : smask.shape[0] : 2, 0 : smask.shape[1] : 2].reshape(2, -1).astype(float)
     s_sub = smask[::2, ::2].ravel()
 
