@@ -433,3 +433,15 @@ def test_pixel_size_alone_is_honoured(atlas_slice: np.ndarray) -> None:
     tissue = tissue_mask(zoomed).ravel()
     error = np.linalg.norm(result.map_points(grid) - expected, axis=1)[tissue]
     assert np.median(error) < 0.5
+
+
+def test_save_load_round_trip_across_shapes(cross_refinement: Refinement, tmp_path: Path) -> None:
+    """A map of a section whose shape differs from the atlas slice's round-trips unchanged."""
+    path = tmp_path / "cross.npz"
+    cross_refinement.save(path)
+    back = Refinement.load(path)
+    assert back.shape == SECTION_SHAPE and back.method == cross_refinement.method
+    assert np.array_equal(back.section_to_atlas, cross_refinement.section_to_atlas)
+    assert back.qc == cross_refinement.qc
+    pts = np.array([[100.0, 120.0], [200.5, 80.25]])
+    np.testing.assert_array_equal(back.map_points(pts), cross_refinement.map_points(pts))
