@@ -1,8 +1,9 @@
 """In-plane refinement of an anchored section with ANTs (affine, then regularised SyN).
 
-The atlas slice is the atlas sampled through the section's anchoring on the section's own pixel
-grid, so refinement is a 2-D deformation within one frame. The result is kept as a dense map:
-for every section pixel, the atlas-slice pixel it corresponds to.
+In the pipeline the atlas slice is the atlas sampled through the section's anchoring on the
+section's own pixel grid (one frame); :func:`refine` also takes an atlas slice of another shape
+and pixel size, placing it on the section first. The result is kept as a dense map: for every
+section pixel, the atlas-slice pixel it corresponds to.
 """
 
 from __future__ import annotations
