@@ -449,12 +449,17 @@ class WorldConfig:
     inplane_shift_um: float = 250.0
     nonlinear_um: float = 40.0
     brains: list[PhantomBrain] = field(default_factory=list)
+    realism: Realism = field(default_factory=lambda: Realism.easy())
 
     @classmethod
-    def demo(cls, seed: int = 0, *, max_angle_deg: float = 3.0) -> WorldConfig:
+    def demo(
+        cls, seed: int = 0, *, max_angle_deg: float = 3.0, realism: Realism | None = None
+    ) -> WorldConfig:
         """Three brains: two single planted types and one mixture, cut at different angles.
 
-        Each brain misses one section and has one damaged (torn) section.
+        Each brain misses one section and has one damaged (torn) section. Imaged with
+        ``Realism.realistic()`` unless ``realism`` says otherwise (``Realism.easy()``: the
+        original bright-cells phantom).
         """
         rng = np.random.default_rng(seed + 100)
 
@@ -464,6 +469,7 @@ class WorldConfig:
 
         return cls(
             seed=seed,
+            realism=realism or Realism.realistic(),
             brains=[
                 PhantomBrain(
                     "demo-1",
@@ -495,10 +501,14 @@ class WorldConfig:
         )
 
     @classmethod
-    def tiny(cls, seed: int = 0) -> WorldConfig:
-        """A small world for tests: coarse atlas and pixels, one brain with few sections."""
+    def tiny(cls, seed: int = 0, *, realism: Realism | None = None) -> WorldConfig:
+        """A small world for tests: coarse atlas and pixels, one brain with few sections.
+
+        Imaged with ``Realism.easy()`` unless ``realism`` says otherwise.
+        """
         return cls(
             seed=seed,
+            realism=realism or Realism.easy(),
             atlas_resolution_um=100.0,
             pixel_size_um=20.0,
             n_levels=3,
@@ -748,8 +758,14 @@ def _smooth_field(
     smooth /= float(np.sum((k / k.sum()) ** 2))
     if step == 1.0:
         return smooth[pad : pad + shape[0], pad : pad + shape[1]].astype(np.float32)
-    grid = np.meshgrid(*(pad + np.arange(n) / step for n in shape), indexing="ij")
-    return ndi.map_coordinates(smooth, grid, order=1).astype(np.float32)
+    for axis, n in enumerate(shape):  # separable linear interpolation
+        pos = pad + np.arange(n) / step
+        lo = np.floor(pos).astype(int)
+        frac = (pos - lo).reshape([-1 if a == axis else 1 for a in range(2)])
+        smooth = (
+            np.take(smooth, lo, axis=axis) * (1 - frac) + np.take(smooth, lo + 1, axis=axis) * frac
+        )
+    return smooth.astype(np.float32)
 
 
 def _texture(shape: tuple[int, int], pixel_um: float, rng: np.random.Generator) -> np.ndarray:
@@ -1100,7 +1116,13 @@ def realistic_field(
 
 def _render_section(
     cutter: _Cutter, k: int, atlas: Atlas, cells_px: np.ndarray, rng: np.random.Generator
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
+    """The easy preset's rendering (unchanged): the image and each cell's snr.
+
+    Noise σ at the background is ``sqrt(30² + 4 · (3 · template + 200))`` (the additive
+    N(200, 30) and the signal-dependent 2·sqrt(signal) term); a cell's snr is its amplitude
+    over that.
+    """
     cfg = cutter.config
     yy, xx = np.mgrid[0 : cutter.height, 0 : cutter.width]
     pix = np.stack([xx.ravel(), yy.ravel()], axis=1).astype(np.float64)
@@ -1122,7 +1144,17 @@ def _render_section(
             val = amp * np.exp(-((px - cx) ** 2 + (py - cy) ** 2) / (2 * sigma**2))
             np.add.at(signal, (py[ok], px[ok]), val[ok])
     signal = signal + rng.normal(0, 1, signal.shape) * np.sqrt(np.maximum(signal, 1)) * 2
-    return np.stack([signal, auto]).clip(0, 65535).astype(np.uint16)
+    iy_c, ix_c = iy.clip(0, cutter.height - 1), ix.clip(0, cutter.width - 1)
+    snr = amp / np.sqrt(30.0**2 + 4 * (3 * tissue[iy_c, ix_c] + 200.0))
+    return np.stack([signal, auto]).clip(0, 65535).astype(np.uint16), snr
+
+
+def _section_tissue(cutter: _Cutter, k: int, atlas: Atlas) -> np.ndarray:
+    """The template sampled on section ``k``'s pixels (0 off the brain)."""
+    yy, xx = np.mgrid[0 : cutter.height, 0 : cutter.width]
+    pix = np.stack([xx.ravel(), yy.ravel()], axis=1).astype(np.float64)
+    ccf = cutter.pixels_to_ccf(k, pix)
+    return atlas.sample_template(ccf).reshape(cutter.height, cutter.width).astype(np.float32)
 
 
 def _damage_mask(cutter: _Cutter, rng: np.random.Generator) -> np.ndarray:
@@ -1153,7 +1185,12 @@ class PhantomWorld:
         return self.root / "manifest.csv"
 
     def truth_cells(self, brain_id: str) -> pd.DataFrame:
+        """Planted cells: ``section, x_px, y_px, ap_um, dv_um, ml_um, type, snr, in_focus``."""
         return pd.read_csv(self.root / "truth" / brain_id / "cells.csv")
+
+    def truth_artefacts(self, brain_id: str) -> pd.DataFrame:
+        """Specks of a realistic world (not cells): ``section, x_px, y_px, kind, …``."""
+        return pd.read_csv(self.root / "truth" / brain_id / "artefacts.csv")
 
     def truth_mixtures(self) -> pd.DataFrame:
         return pd.read_csv(self.root / "truth" / "mixtures.csv", dtype={"brain_id": str})
@@ -1177,6 +1214,7 @@ class PhantomWorld:
             for b in doc.pop("brains")
         ]
         doc["frame_um"] = tuple(doc["frame_um"])
+        doc["realism"] = Realism.from_dict(doc.get("realism", {"preset": "easy"}))
         return cls(root, WorldConfig(**doc, brains=brains))
 
 
@@ -1291,7 +1329,7 @@ def _write_brain(
     labels = np.concatenate([np.full(len(c), i) for i, c in enumerate(cells)])
     cells3d = np.concatenate(cells)
     volume = np.zeros((2, brain.n_sections, cutter.height, cutter.width), dtype=np.uint16)
-    truth = []
+    truth, artefacts = [], []
     for k in range(brain.n_sections):
         if k in brain.missing:
             continue
@@ -1307,9 +1345,26 @@ def _write_brain(
         if damage is not None:
             ix, iy = np.round(px[:, 0]).astype(int), np.round(px[:, 1]).astype(int)
             inside[inside] &= ~damage[iy[inside], ix[inside]]
-        image = _render_section(cutter, k, atlas, px[inside], rng)
-        if damage is not None:
-            image[:, damage] = rng.normal(250, 30, (2, int(damage.sum()))).clip(0).astype(np.uint16)
+        if config.realism.preset == "easy":
+            image, snr = _render_section(cutter, k, atlas, px[inside], rng)
+            in_focus = np.ones(len(snr), dtype=bool)
+            if damage is not None:
+                noise = rng.normal(250, 30, (2, int(damage.sum())))
+                image[:, damage] = noise.clip(0).astype(np.uint16)
+        else:
+            tissue = _section_tissue(cutter, k, atlas)
+            if damage is not None:
+                tissue[damage] = 0.0  # torn off: bare slide
+            image, cell_table, specks = _render_realistic(
+                tissue,
+                px[inside],
+                pixel_size_um=config.pixel_size_um,
+                cell_diameter_um=config.cell_diameter_um,
+                realism=config.realism,
+                rng=rng,
+            )
+            snr, in_focus = cell_table["snr"].to_numpy(), cell_table["in_focus"].to_numpy()
+            artefacts.append(specks.assign(section=k))
         volume[:, k] = image
         subclass = types.taxonomy.set_index(types.taxonomy.index)["subclass"]
         truth.append(
@@ -1322,6 +1377,8 @@ def _write_brain(
                     "dv_um": cells3d[inside, 1],
                     "ml_um": cells3d[inside, 2],
                     "type": [subclass[types.names.index(names[i])] for i in labels[inside]],
+                    "snr": snr,
+                    "in_focus": in_focus,
                 }
             )
         )
@@ -1340,6 +1397,11 @@ def _write_brain(
     write_quint(tdir / "anchoring.json", anchors)
     table = pd.concat(truth, ignore_index=True)
     table.to_csv(tdir / "cells.csv", index=False)
+    if artefacts:
+        specks = pd.concat(artefacts, ignore_index=True)
+        specks[["section", *[c for c in specks.columns if c != "section"]]].to_csv(
+            tdir / "artefacts.csv", index=False
+        )
     return table
 
 
