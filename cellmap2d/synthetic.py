@@ -8,10 +8,16 @@ take, so the whole pipeline runs on it unchanged:
 - ``abc/``: the ABC Atlas cache layout (cell metadata, CCF coordinates in mm, taxonomy);
 - ``brains/<id>.ome.zarr``: NGFF 0.4, axes ``c, z, y, x``, channel 0 signal, 1 autofluorescence;
   sections cut at an oblique plane shared by the series, with per-section in-plane affine and
-  smooth nonlinear deformation, noise, a missing and a damaged section;
+  smooth nonlinear deformation, a missing and a damaged section, imaged as
+  ``WorldConfig.realism`` says (:class:`Realism`: the original easy rendering, or a realistic
+  slide scanner's — Poisson–Gaussian noise, textured autofluorescence bleeding into the
+  signal, uneven illumination, streaks, dust, defocus);
 - ``truth/``: the true anchoring (QUINT JSON; its linear part — the nonlinear residual is in
-  ``cells.csv`` only), every planted cell's section pixel and CCF µm, and the planted mixtures;
+  ``cells.csv`` only), every planted cell's section pixel, CCF µm, ``snr`` and ``in_focus``,
+  the specks (``artefacts.csv``, realistic worlds) and the planted mixtures;
 - ``manifest.csv``.
+
+:func:`realistic_field` renders one realistic field with its truth without a world.
 """
 
 from __future__ import annotations
