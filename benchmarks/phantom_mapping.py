@@ -6,7 +6,8 @@ Two ways to run it::
     python benchmarks/phantom_mapping.py --seeds 11 12 --max-angle 5 --work /tmp/phantoms
 
 The second builds fresh phantom worlds (three brains each, one missing and one damaged section
-per brain, cutting angles up to ``--max-angle``) with seeds nothing was tuned on, runs the
+per brain, cutting angles up to ``--max-angle``; imaged with ``Realism.realistic()``, or the
+original bright-cells rendering with ``--realism easy``) with seeds nothing was tuned on, runs the
 pipeline up to the refined sections and measures. For every brain it prints the median and 95th
 percentile distance between each planted cell's true CCF position and where its section pixel is
 mapped by
@@ -85,15 +86,18 @@ def table(store: Path, world: Path, label: str) -> tuple[pd.DataFrame, pd.DataFr
     return pd.DataFrame(rows), pd.DataFrame(per_section)
 
 
-def run_world(seed: int, max_angle: float, work: Path, workers: int) -> tuple[Path, Path, float]:
+def run_world(
+    seed: int, max_angle: float, work: Path, workers: int, realism: str = "realistic"
+) -> tuple[Path, Path, float]:
     import luigi
 
     from cellmap2d.cli import configure_world
-    from cellmap2d.synthetic import WorldConfig, make_world
+    from cellmap2d.synthetic import Realism, WorldConfig, make_world
 
-    config = WorldConfig.demo(seed, max_angle_deg=max_angle)
-    world = make_world(work / f"seed{seed}" / "world", config)
-    store = work / f"seed{seed}"
+    preset = Realism.easy() if realism == "easy" else Realism.realistic()
+    config = WorldConfig.demo(seed, max_angle_deg=max_angle, realism=preset)
+    store = work / (f"seed{seed}" if realism == "realistic" else f"seed{seed}-{realism}")
+    world = make_world(store / "world", config)
     configure_world(world, store)
     from tasks import RefineSection
     from tasks.brain import per_section
@@ -118,6 +122,7 @@ def main() -> None:
     parser.add_argument("--max-angle", type=float, default=5.0)
     parser.add_argument("--work", type=Path, default=Path("benchmarks/out/phantoms"))
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--realism", choices=["realistic", "easy"], default="realistic")
     args = parser.parse_args()
     tables, sections = [], []
     if args.store:
@@ -125,11 +130,13 @@ def main() -> None:
         tables.append(summary)
         sections.append(ap)
     for seed in args.seeds:
-        store, world, seconds = run_world(seed, args.max_angle, args.work, args.workers)
+        store, world, seconds = run_world(
+            seed, args.max_angle, args.work, args.workers, args.realism
+        )
         print(
             f"seed {seed}: 3 brains anchored and refined in {seconds:.0f} s ({args.workers} workers)"
         )
-        summary, ap = table(store, world, f"seed {seed}")
+        summary, ap = table(store, world, f"seed {seed} ({args.realism})")
         tables.append(summary)
         sections.append(ap)
     if not tables:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage as ndi
 
 from cellmap2d.anchoring import read_quint
 from cellmap2d.atlas import Atlas, load_atlas
 from cellmap2d.io import open_brain, read_manifest
 from cellmap2d.synthetic import (
     PhantomWorld,
+    Realism,
     WorldConfig,
+    _render_realistic,
     evaluate_mapping,
     make_world,
     phantom_atlas,
@@ -287,3 +291,255 @@ def test_make_world_refuses_a_different_config(world: PhantomWorld) -> None:
     with pytest.raises(ValueError, match=r"different config.*seed"):
         make_world(world.root, WorldConfig.tiny(seed=5))
     assert make_world(world.root).config == WorldConfig.tiny()  # None: reuse what is there
+
+
+# --- the realistic rendering ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def field() -> tuple[np.ndarray, np.ndarray, pd.DataFrame, dict]:
+    """A realistic 1024² field at 1.4 µm (~1 s)."""
+    from cellmap2d.synthetic import realistic_field
+
+    return realistic_field(seed=3, extras=True)
+
+
+def test_realistic_field_shape_and_truth(field) -> None:
+    """Two uint16 channels, tissue with bare slide beyond its edge, cells inside tissue."""
+    signal, auto, truth, details = field
+    assert signal.shape == auto.shape == (1024, 1024)
+    assert signal.dtype == auto.dtype == np.uint16
+    tissue = details["tissue"]
+    assert 0.6 < tissue.mean() < 0.97
+    ix, iy = np.round(truth["x"]).astype(int), np.round(truth["y"]).astype(int)
+    assert tissue[iy.clip(0, 1023), ix.clip(0, 1023)].all()
+    assert {"x", "y", "snr", "in_focus"} <= set(truth.columns)
+    assert 100 < len(truth) < 400  # 100 per mm² over ~1.7 mm² of tissue
+    # off tissue: the camera offset (100) plus a little glass, far below the tissue
+    assert np.median(signal[~tissue]) < 130 < np.median(signal[tissue])
+
+
+def test_realistic_field_is_deterministic_per_seed() -> None:
+    """Same seed, same field; another seed, another field."""
+    from cellmap2d.synthetic import realistic_field
+
+    a = realistic_field((256, 256), seed=5)
+    b = realistic_field((256, 256), seed=5)
+    c = realistic_field((256, 256), seed=6)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    pd.testing.assert_frame_equal(a[2], b[2])
+    assert not np.array_equal(a[0], c[0])
+
+
+def _flat(**changes) -> Realism:
+    """The realistic model with every spatial effect off: only noise and flat background."""
+    base = dict(
+        texture=0.0,
+        illumination=0.0,
+        vignetting=0.0,
+        tile_jitter=0.0,
+        section_gain=0.0,
+        streaks_per_mm2=0.0,
+        specks_per_mm2=(0.0, 0.0, 0.0),
+    )
+    return dataclasses.replace(Realism.realistic(), **{**base, **changes})
+
+
+@pytest.mark.parametrize(("gain", "read_noise"), [(2.0, 6.0), (5.0, 15.0)])
+def test_noise_is_poisson_gaussian(gain: float, read_noise: float) -> None:
+    """On flat patches the variance is gain · (mean − offset) + read², at several levels.
+
+    The expected means follow from the documented model: offset + bleed · (glass + auto_level
+    · t) + stain · t in the signal, offset + glass + auto_level · t in the autofluorescence.
+    """
+    r = _flat(gain=gain, read_noise=read_noise)
+    for level in (60.0, 120.0, 225.0):  # template value: t = 0.5, 1, 1.875
+        tissue = np.full((400, 400), level, dtype=np.float32)
+        image, _, _ = _render_realistic(
+            tissue,
+            np.empty((0, 2)),
+            pixel_size_um=2.0,
+            cell_diameter_um=15.0,
+            realism=r,
+            rng=np.random.default_rng(int(level)),
+        )
+        t = level / 120.0
+        expected_mean = (
+            r.offset + r.bleed * (r.glass + r.auto_level * t) + r.stain * t,
+            r.offset + r.glass + r.auto_level * t,
+        )
+        for channel, mean in enumerate(expected_mean):
+            values = image[channel].astype(np.float64)
+            assert values.mean() == pytest.approx(mean, rel=0.005)
+            want = gain * (mean - r.offset) + read_noise**2
+            assert values.var() == pytest.approx(want, rel=0.03)
+
+
+def test_bleed_through_follows_the_autofluorescence() -> None:
+    """Textured tissue: the signal's background rises with the autofluorescence at ``bleed``.
+
+    Smoothed over 4 px (noise averaged out), the least-squares slope of signal on
+    autofluorescence is the bleed fraction (the stain's own texture is independent of it);
+    with ``bleed=0`` the slope is ~0.
+    """
+    tissue = np.full((512, 512), 120.0, dtype=np.float32)
+    for bleed in (0.3, 0.0):
+        image, _, _ = _render_realistic(
+            tissue,
+            np.empty((0, 2)),
+            pixel_size_um=2.0,
+            cell_diameter_um=15.0,
+            realism=_flat(texture=0.25, bleed=bleed),
+            rng=np.random.default_rng(7),
+        )
+        sig, auto = (ndi.uniform_filter(c.astype(np.float64), 4)[8:-8, 8:-8] for c in image)
+        slope = np.polyfit(auto.ravel(), sig.ravel(), 1)[0]
+        assert slope == pytest.approx(bleed, abs=0.03)
+
+
+def test_realistic_field_background_correlates_with_autofluorescence(field) -> None:
+    """In cell-free tissue of a full realistic field, signal and autofluorescence correlate."""
+    signal, auto, truth, details = field
+    free = details["tissue"].copy()
+    avoid = np.zeros_like(free)
+    for x, y in np.vstack(
+        [truth[["x", "y"]].to_numpy(), details["artefacts"][["x", "y"]].to_numpy()]
+    ):
+        avoid[max(0, int(y) - 25) : int(y) + 26, max(0, int(x) - 25) : int(x) + 26] = True
+    free &= ~avoid
+    sig = ndi.uniform_filter(signal.astype(np.float64), 5)[free]
+    aut = ndi.uniform_filter(auto.astype(np.float64), 5)[free]
+    assert free.sum() > 100_000
+    assert np.corrcoef(sig, aut)[0, 1] > 0.6
+
+
+def _excess(image: np.ndarray, x: float, y: float, radius: float) -> float:
+    """Brightest 3×3 mean within ``radius`` of (x, y) above the median of an outer ring
+    (``radius`` 0: the 3×3 mean at the point)."""
+    ix, iy, r = int(round(x)), int(round(y)), int(np.ceil(radius))
+    outer = r + 12
+    patch = image[iy - outer : iy + outer + 1, ix - outer : ix + outer + 1].astype(np.float64)
+    yy, xx = np.mgrid[-outer : outer + 1, -outer : outer + 1]
+    rr = np.hypot(xx, yy)
+    smooth = ndi.uniform_filter(patch, 3)
+    return float(smooth[rr <= radius].max() - np.median(patch[rr > outer - 6]))
+
+
+def test_specks_are_bright_in_both_channels_cells_only_in_the_signal(field) -> None:
+    """Dust/lipofuscin shows in the autofluorescence about as much as in the signal; cells
+    (3 % crosstalk) hardly do."""
+    signal, auto, truth, details = field
+    px = 1.4
+    specks = details["artefacts"]
+    specks = specks[(specks["kind"] == "cell") & (specks["snr"] > 15)]
+    specks = specks[specks["x"].between(60, 964) & specks["y"].between(60, 964)]
+    cells = truth[truth["in_focus"] & (truth["snr"] > 15)]
+    cells = cells[cells["x"].between(60, 964) & cells["y"].between(60, 964)]
+    assert len(specks) >= 2 and len(cells) >= 20
+
+    def ratio(rows: pd.DataFrame, radius: np.ndarray) -> np.ndarray:
+        return np.array(
+            [
+                _excess(auto, x, y, r) / _excess(signal, x, y, r)
+                for x, y, r in zip(rows["x"], rows["y"], radius, strict=True)
+            ]
+        )
+
+    speck_ratio = ratio(specks, specks["diameter_um"].to_numpy() / 2 / px)
+    cell_ratio = ratio(cells, np.zeros(len(cells)))
+    assert np.median(speck_ratio) > 0.5
+    assert np.median(cell_ratio) < 0.12
+    # and the specks are bright objects in the autofluorescence (> 5 σ of its noise)
+    auto_sigma = np.sqrt(2.0 * (np.median(auto[details["tissue"]]) - 100) + 36)
+    in_auto = [_excess(auto, x, y, 5) for x, y in zip(specks["x"], specks["y"], strict=True)]
+    assert np.median(in_auto) > 5 * auto_sigma
+
+
+def test_truth_snr_matches_measured_amplitude_over_noise(field) -> None:
+    """Isolated in-focus cells: (centre pixel − surrounding median) / measured pixel noise
+    agrees with the truth's ``snr`` (median ratio ~1, tightly correlated)."""
+    from scipy.spatial import cKDTree
+
+    signal, _, truth, details = field
+    image = signal.astype(np.float64)
+    diameter = 15.0 / 1.4
+    xy = truth[["x", "y"]].to_numpy()
+    nearest = cKDTree(xy).query(xy, 2)[0][:, 1]
+    to_speck = cKDTree(details["artefacts"][["x", "y"]].to_numpy()).query(xy)[0]
+    ok = (
+        truth["in_focus"].to_numpy()
+        & (nearest > 3 * diameter)
+        & (to_speck > 3 * diameter)
+        & (xy.min(axis=1) > 45)
+        & (xy.max(axis=1) < 1024 - 45)
+    )
+    assert ok.sum() >= 30
+    yy, xx = np.mgrid[-40:41, -40:41]
+    ring = (np.hypot(xx, yy) >= 2.5 * diameter) & (np.hypot(xx, yy) < 3.5 * diameter)
+    measured = []
+    for x, y in xy[ok]:
+        ix, iy = int(round(x)), int(round(y))
+        patch = image[iy - 40 : iy + 41, ix - 40 : ix + 41]
+        noise = np.std(np.diff(patch, axis=1)[ring[:, 1:]]) / np.sqrt(2)
+        measured.append((patch[40, 40] - np.median(patch[ring])) / noise)
+    ratio = np.array(measured) / truth["snr"].to_numpy()[ok]
+    assert 0.85 < np.median(ratio) < 1.1
+    assert np.corrcoef(measured, truth["snr"].to_numpy()[ok])[0, 1] > 0.9
+
+
+def test_cell_brightness_spans_3_to_40_noise_units(field) -> None:
+    """In-focus cells: snr log-uniform over 3–40; out-of-focus ones (~15 %) are dimmer."""
+    _, _, truth, _ = field
+    focus = truth[truth["in_focus"]]["snr"]
+    assert focus.min() > 2.5 and focus.max() < 42
+    assert np.median(np.log(focus)) == pytest.approx(np.log(np.sqrt(3 * 40)), abs=0.25)
+    blurred = truth[~truth["in_focus"]]["snr"]
+    assert 0.05 < len(blurred) / len(truth) < 0.3
+    assert blurred.median() < 0.7 * focus.median()
+
+
+# sha256 of all level-0 sections (signal, autofluorescence; z = 0..9) of WorldConfig.tiny(),
+# computed with the code before the realistic model existed (commit 647d876).
+EASY_TINY_SHA256 = "f31dd1a9af720cd90162f96d6a2a54ea2b0bff41eb36c4d8d9fe63b5363d1c20"
+
+
+def test_easy_preset_renders_as_before(world: PhantomWorld) -> None:
+    """The easy preset (tiny's default) is bit-identical to the original phantom."""
+    import hashlib
+
+    assert world.config.realism == Realism.easy()
+    brain = open_brain(world.root / "brains" / f"{BRAIN}.ome.zarr")
+    digest = hashlib.sha256()
+    for z in range(brain.n_sections):
+        for channel in (0, 1):
+            digest.update(np.ascontiguousarray(brain.section(z, channel)).tobytes())
+    assert digest.hexdigest() == EASY_TINY_SHA256
+
+
+@pytest.fixture(scope="module")
+def realistic_world(tmp_path_factory: pytest.TempPathFactory) -> PhantomWorld:
+    """The tiny world imaged with the realistic model (~10 s)."""
+    config = WorldConfig.tiny(realism=Realism.realistic())
+    return make_world(tmp_path_factory.mktemp("phantom") / "realistic", config)
+
+
+def test_realistic_world_truth_and_round_trip(realistic_world: PhantomWorld) -> None:
+    """A realistic world reopens with its Realism; truth has snr/in_focus; specks recorded;
+    cells of ≥ 10 noise units stand out of their section."""
+    world = realistic_world
+    assert PhantomWorld.open(world.root).config == world.config
+    assert make_world(world.root, world.config).config.realism == Realism.realistic()
+    truth = world.truth_cells(BRAIN)
+    assert {"snr", "in_focus"} <= set(truth.columns)
+    assert truth["snr"].between(0.3, 45).all()
+    specks = world.truth_artefacts(BRAIN)
+    assert set(specks["kind"]) == {"small", "cell", "large"}
+    assert 4 not in set(specks["section"])
+    brain = open_brain(world.root / "brains" / f"{BRAIN}.ome.zarr")
+    bright = truth[truth["in_focus"] & (truth["snr"] >= 10)]
+    for z, group in bright.groupby("section"):
+        image = brain.section(int(z), 0).astype(np.float64)
+        ix, iy = np.round(group["x_px"]).astype(int), np.round(group["y_px"]).astype(int)
+        local = ndi.median_filter(image, 9)[iy, ix]
+        sigma = np.sqrt(2.0 * (local - 100.0) + 36.0)  # the realistic gain and read noise
+        assert np.median((image[iy, ix] - local) / sigma) > 5
