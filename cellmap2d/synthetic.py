@@ -38,6 +38,8 @@ __all__ = [
     "make_world",
     "phantom_atlas",
     "phantom_cell_types",
+    "Realism",
+    "realistic_field",
 ]
 
 ABC_DATASET = "MERFISH-C57BL6J-638850"
@@ -619,6 +621,481 @@ class _Cutter:
                 plane - self.center - s.shift - self._displacement(k, frame)
             ) @ inv.T + self.center
         return frame / self.config.pixel_size_um, ccf[:, 0] - plane_ap
+
+
+# --- realistic rendering -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Realism:
+    """How a phantom section is imaged: noise, background, illumination and artefacts.
+
+    ``Realism.easy()`` is the original rendering (bright cells on a flat, weakly textured
+    background; kept bit-identical, the other fields are then unused). ``Realism.realistic()``
+    (the field defaults) imitates a 16-bit fluorescence slide scanner. All intensities are
+    counts; ``I`` below is the expected value of a pixel.
+
+    Noise (Poisson–Gaussian): ``value = offset + gain · Poisson((I − offset) / gain) +
+    N(0, read_noise²)``, rounded and clipped to ``[0, saturation]``, so
+    ``var = gain · (I − offset) + read_noise²``. The *noise σ* of a pixel is that at its
+    background level (``I`` without cells, streaks and specks).
+
+    Background: tissue autofluorescence ``auto_level · t · (1 + texture · T)`` (``t`` = the
+    template value / 120, i.e. 1 in grey matter, ~1.9 in fibre tracts; ``T`` multi-scale smooth
+    noise of unit σ at 4–600 µm, scales below half a pixel left out) plus ``glass`` everywhere;
+    the signal channel gets ``bleed`` × that autofluorescence (bleed-through) plus an
+    independently textured non-specific stain ``stain · t · (1 + texture · T')``. Both are
+    multiplied by the illumination ``(1 + illumination · smooth noise at 2 mm) × tile
+    vignetting`` (scanner tiles of ``tile_um``, ``1 − vignetting · (u² + v²) / 2`` with
+    ``u, v ∈ [−1, 1]`` across a tile, each tile × N(1, ``tile_jitter``)) and by a per-section,
+    per-channel gain uniform in ``[1 − section_gain, 1 + section_gain]``.
+
+    Cells: elliptical Gaussians, σ = radius / 1.3 (diameter × lognormal(``cell_size_spread``),
+    axis ratio down to ``1 − cell_elongation``), blurred by the pixel (σ² + 1/12 px²). The
+    in-focus peak is ``snr₀ · noise σ`` at the cell, ``snr₀`` log-uniform in ``cell_snr``; a
+    fraction ``out_of_focus`` is blurred further by σ_b = U(``defocus``) × radius (same total
+    brightness, lower peak). The truth's ``snr`` is the rendered expected peak / noise σ.
+    Cells show in the autofluorescence at ``crosstalk`` × their signal.
+
+    Streaks (neurites, fibres): smooth random curves (persistence 300 µm, length log-uniform in
+    ``streak_length_um``), ``streak_width_um`` FWHM, beaded (amplitude × lognormal along the
+    curve at 5 µm), starting where the tissue is bright (∝ t², so mostly in fibre tracts),
+    ``streaks_per_mm2`` of tissue; peak at object scale log-uniform in ``streak_snr`` noise
+    units (thinner than a pixel → diluted by the pixel); ``streak_auto`` × as bright in the
+    autofluorescence.
+
+    Specks (dust, debris, lipofuscin; not cells): bright in both channels, the
+    autofluorescence at log-uniform(``speck_auto_ratio``) × the signal counts; object-scale
+    peak log-uniform in ``speck_snr`` noise units. ``specks_per_mm2`` = (small 0.8–3 µm
+    granules in tissue, cell-sized 8–20 µm clusters of 3–10 granules in tissue, large 30–120 µm
+    irregular debris of 3–8 blobs anywhere in the field).
+    """
+
+    preset: str = "realistic"
+    gain: float = 2.0
+    read_noise: float = 6.0
+    offset: float = 100.0
+    saturation: float = 65535.0
+    glass: float = 20.0
+    auto_level: float = 1000.0
+    texture: float = 0.25
+    bleed: float = 0.3
+    stain: float = 80.0
+    illumination: float = 0.12
+    vignetting: float = 0.2
+    tile_um: float = 1000.0
+    tile_jitter: float = 0.03
+    section_gain: float = 0.3
+    cell_snr: tuple[float, float] = (3.0, 40.0)
+    cell_size_spread: float = 0.15
+    cell_elongation: float = 0.35
+    out_of_focus: float = 0.15
+    defocus: tuple[float, float] = (0.5, 1.5)
+    crosstalk: float = 0.03
+    streaks_per_mm2: float = 8.0
+    streak_length_um: tuple[float, float] = (100.0, 800.0)
+    streak_width_um: float = 2.0
+    streak_snr: tuple[float, float] = (2.0, 12.0)
+    streak_auto: float = 0.3
+    specks_per_mm2: tuple[float, float, float] = (20.0, 4.0, 0.3)
+    speck_snr: tuple[float, float] = (5.0, 80.0)
+    speck_auto_ratio: tuple[float, float] = (0.7, 3.0)
+
+    def __post_init__(self) -> None:
+        if self.preset not in ("easy", "realistic"):
+            raise ValueError(f"Realism.preset must be 'easy' or 'realistic', not {self.preset!r}")
+
+    @classmethod
+    def easy(cls) -> Realism:
+        """The original phantom rendering (bright cells, flat background)."""
+        return cls(preset="easy")
+
+    @classmethod
+    def realistic(cls) -> Realism:
+        """A 16-bit slide scanner's section (the field defaults)."""
+        return cls()
+
+    @classmethod
+    def from_dict(cls, doc: Mapping) -> Realism:
+        """Back from ``dataclasses.asdict`` / JSON (lists become tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in doc.items()})
+
+
+_SPECK_KINDS = ("small", "cell", "large")
+
+
+def _loguniform(rng: np.random.Generator, bounds: Sequence[float], n: int) -> np.ndarray:
+    lo, hi = np.log(bounds[0]), np.log(bounds[1])
+    return np.exp(rng.uniform(lo, hi, n))
+
+
+def _smooth_field(
+    shape: tuple[int, int], pixel_um: float, scale_um: float, rng: np.random.Generator
+) -> np.ndarray:
+    """2-D Gaussian-smoothed white noise of unit σ at ``scale_um`` (any scale vs the field).
+
+    Made on a coarse grid padded by 4 σ (so fields smaller than the scale are a piece of a
+    larger random field) and normalised by the kernel's exact L2 norm, not by the sample.
+    """
+    sigma_px = scale_um / pixel_um
+    step = max(1.0, sigma_px / 2)
+    sigma_c = sigma_px / step
+    pad = int(np.ceil(4 * sigma_c)) + 1
+    coarse = rng.standard_normal(tuple(int(np.ceil(n / step)) + 2 + 2 * pad for n in shape))
+    smooth = ndi.gaussian_filter(coarse, sigma_c, truncate=4.0)
+    radius = int(4.0 * sigma_c + 0.5)
+    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma_c) ** 2)
+    smooth /= float(np.sum((k / k.sum()) ** 2))
+    if step == 1.0:
+        return smooth[pad : pad + shape[0], pad : pad + shape[1]].astype(np.float32)
+    grid = np.meshgrid(*(pad + np.arange(n) / step for n in shape), indexing="ij")
+    return ndi.map_coordinates(smooth, grid, order=1).astype(np.float32)
+
+
+def _texture(shape: tuple[int, int], pixel_um: float, rng: np.random.Generator) -> np.ndarray:
+    """Multi-scale smooth noise of unit σ (4–600 µm; scales under half a pixel left out)."""
+    scales = (4.0, 12.0, 40.0, 150.0, 600.0)
+    weights = (0.5, 0.6, 0.7, 0.6, 0.5)
+    total = np.zeros(shape, dtype=np.float32)
+    power = 0.0
+    for s, w in zip(scales, weights, strict=True):
+        if s / pixel_um < 0.5:
+            continue
+        total += w * _smooth_field(shape, pixel_um, s, rng)
+        power += w * w
+    return total / np.float32(np.sqrt(max(power, 1e-12)))
+
+
+def _illumination(
+    shape: tuple[int, int], pixel_um: float, r: Realism, rng: np.random.Generator
+) -> np.ndarray:
+    """Smooth multiplicative field × per-tile vignetting and tile gain jitter."""
+    field_ = 1 + r.illumination * _smooth_field(shape, pixel_um, 2000.0, rng)
+    tile = r.tile_um / pixel_um
+    y0, x0 = rng.uniform(0, tile, 2)
+    yy = (np.arange(shape[0]) + y0) / tile
+    xx = (np.arange(shape[1]) + x0) / tile
+    ty, tx = np.floor(yy).astype(int), np.floor(xx).astype(int)
+    v = 2 * (yy - ty) - 1
+    u = 2 * (xx - tx) - 1
+    vignette = 1 - r.vignetting * (u[None, :] ** 2 + v[:, None] ** 2) / 2
+    jitter = rng.normal(1, r.tile_jitter, (ty.max() + 1, tx.max() + 1))
+    return (field_ * vignette * jitter[ty][:, tx]).astype(np.float32)
+
+
+def _splat(
+    shape: tuple[int, int],
+    xy: np.ndarray,
+    cov: np.ndarray,
+    weights: np.ndarray,
+) -> np.ndarray:
+    """Sum of Gaussians ``weights[i, c] · exp(−dᵀ cov[i]⁻¹ d / 2)`` into ``c`` images (float64).
+
+    ``xy`` (n, 2) pixel centres (x, y); ``cov`` (n, 2, 2) in px² (x, y order). Blobs are cut
+    at 3.5 σ of their widest axis; grouped by reach so each group is one array operation.
+    """
+    h, w = shape
+    n_ch = weights.shape[1]
+    out = np.zeros((n_ch, h * w))
+    if len(xy) == 0:
+        return out.reshape(n_ch, h, w)
+    inv = np.linalg.inv(cov)
+    widest = np.sqrt(np.linalg.eigvalsh(cov)[:, -1])
+    reach = np.clip(np.ceil(3.5 * widest), 1, 4 * max(h, w)).astype(int)
+    ix = np.round(xy[:, 0]).astype(int)
+    iy = np.round(xy[:, 1]).astype(int)
+    for r in np.unique(reach):
+        sel = np.flatnonzero(reach == r)
+        off = np.arange(-r, r + 1)
+        per = len(off) ** 2
+        for chunk in np.array_split(sel, max(1, len(sel) * per // 4_000_000 + 1)):
+            if len(chunk) == 0:
+                continue
+            px = ix[chunk, None, None] + off[None, None, :]
+            py = iy[chunk, None, None] + off[None, :, None]
+            dx = px - xy[chunk, 0, None, None]
+            dy = py - xy[chunk, 1, None, None]
+            a, b, c = (inv[chunk, i, j, None, None] for i, j in ((0, 0), (0, 1), (1, 1)))
+            g = np.exp(-0.5 * (a * dx * dx + 2 * b * dx * dy + c * dy * dy))
+            ok = (px >= 0) & (px < w) & (py >= 0) & (py < h)
+            flat = (py * w + px)[ok]
+            for ch in range(n_ch):
+                val = (g * weights[chunk, ch, None, None])[ok]
+                out[ch] += np.bincount(flat, val, minlength=h * w)
+    return out.reshape(n_ch, h, w)
+
+
+def _isotropic(sigma_px: np.ndarray) -> np.ndarray:
+    cov = np.zeros((len(sigma_px), 2, 2))
+    cov[:, 0, 0] = cov[:, 1, 1] = np.asarray(sigma_px) ** 2
+    return cov
+
+
+def _streaks(t: np.ndarray, pixel_um: float, r: Realism, rng: np.random.Generator) -> np.ndarray:
+    """Beaded curvilinear streaks, peak in noise units at object scale (pixel-diluted)."""
+    h, w = t.shape
+    area_mm2 = float((t > 0).sum()) * pixel_um**2 / 1e6
+    n = rng.poisson(r.streaks_per_mm2 * area_mm2)
+    out = np.zeros(t.shape)
+    if n == 0:
+        return out
+    prob = (t.ravel().astype(np.float64)) ** 2
+    start = rng.choice(t.size, n, p=prob / prob.sum())
+    y0, x0 = np.divmod(start, w)
+    length = _loguniform(rng, r.streak_length_um, n)
+    amp = _loguniform(rng, r.streak_snr, n)
+    ds_um = min(pixel_um / 2, 2.0)
+    steps = int(np.ceil(length.max() / ds_um))
+    heading = rng.uniform(0, 2 * np.pi, n)[:, None] + np.cumsum(
+        rng.normal(0, np.sqrt(ds_um / 300.0), (n, steps)), axis=1
+    )
+    px = x0[:, None] + np.cumsum(np.cos(heading), axis=1) * ds_um / pixel_um
+    py = y0[:, None] + np.cumsum(np.sin(heading), axis=1) * ds_um / pixel_um
+    beads = ndi.gaussian_filter1d(rng.standard_normal((n, steps)), 5.0 / ds_um, axis=1)
+    beads = np.exp(0.5 * beads / max(float(beads.std()), 1e-9))
+    sigma_w = r.streak_width_um / 2.355 / pixel_um
+    sigma_eff = np.sqrt(sigma_w**2 + 1 / 12)
+    weight = amp[:, None] * beads * np.sqrt(2 * np.pi) * sigma_w * (ds_um / pixel_um)
+    keep = (np.arange(steps)[None, :] * ds_um < length[:, None]) & (
+        (px >= 0) & (px < w - 1) & (py >= 0) & (py < h - 1)
+    )
+    px, py, weight = px[keep], py[keep], weight[keep]
+    jx, jy = np.floor(px).astype(int), np.floor(py).astype(int)
+    fx, fy = px - jx, py - jy
+    for ox, oy, f in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)), (0, 1, (1 - fx) * fy)):
+        np.add.at(out, (jy + oy, jx + ox), weight * f)
+    np.add.at(out, (jy + 1, jx + 1), weight * fx * fy)
+    out = ndi.gaussian_filter(out, sigma_eff)
+    return out * (t > 0)
+
+
+def _specks(
+    t: np.ndarray, noise_sigma: np.ndarray, pixel_um: float, r: Realism, rng: np.random.Generator
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Dust, debris and lipofuscin bright in both channels: (2, h, w) counts and their table."""
+    h, w = t.shape
+    tissue_area = float((t > 0).sum()) * pixel_um**2 / 1e6
+    field_area = h * w * pixel_um**2 / 1e6
+    in_tissue = np.flatnonzero(t.ravel() > 0)
+    rows, blobs = [], []
+    for kind, density in zip(_SPECK_KINDS, r.specks_per_mm2, strict=True):
+        if kind == "large":
+            n = rng.poisson(density * field_area)
+            x, y = rng.uniform(0, w, n), rng.uniform(0, h, n)
+            diam = _loguniform(rng, (30.0, 120.0), n)
+        else:
+            n = rng.poisson(density * tissue_area) if len(in_tissue) else 0
+            pick = rng.choice(in_tissue, n) if n else np.empty(0, int)
+            y, x = np.divmod(pick, w)
+            x, y = x + rng.uniform(-0.5, 0.5, n), y + rng.uniform(-0.5, 0.5, n)
+            diam = _loguniform(rng, (0.8, 3.0) if kind == "small" else (8.0, 20.0), n)
+        iy = np.clip(np.round(y).astype(int), 0, h - 1)
+        ix = np.clip(np.round(x).astype(int), 0, w - 1)
+        snr = _loguniform(rng, r.speck_snr, n)
+        peak = snr * noise_sigma[iy, ix]
+        ratio = _loguniform(rng, r.speck_auto_ratio, n)
+        for i in range(n):
+            if kind == "small":
+                k, sub_sigma, sub = 1, diam[i] / 2.355, np.zeros((1, 2))
+            elif kind == "cell":
+                k = int(rng.integers(3, 11))
+                sub_sigma = rng.uniform(1.0, 3.0, k) / 2.355
+                rad = diam[i] / 2 * np.sqrt(rng.uniform(0, 1, k))
+                ang = rng.uniform(0, 2 * np.pi, k)
+                sub = np.column_stack([rad * np.cos(ang), rad * np.sin(ang)])
+            else:
+                k = int(rng.integers(3, 9))
+                sub_sigma = np.full(k, diam[i] / 5)
+                sub = rng.normal(0, diam[i] / 4, (k, 2))
+            blobs.append(
+                np.column_stack(
+                    [
+                        x[i] + sub[:, 0] / pixel_um,
+                        y[i] + sub[:, 1] / pixel_um,
+                        np.broadcast_to(sub_sigma, (k,)) / pixel_um,
+                        np.full(k, peak[i]),
+                        np.full(k, peak[i] * ratio[i]),
+                    ]
+                )
+            )
+        rows.append(
+            pd.DataFrame(
+                {
+                    "x_px": x,
+                    "y_px": y,
+                    "kind": kind,
+                    "diameter_um": diam,
+                    "snr": snr,
+                    "auto_ratio": ratio,
+                }
+            )
+        )
+    table = pd.concat(rows, ignore_index=True)
+    if not blobs:
+        return np.zeros((2, h, w)), table
+    b = np.concatenate(blobs)
+    sig_obj = b[:, 2]
+    sig_eff = np.sqrt(sig_obj**2 + 1 / 12)
+    dilution = (sig_obj / sig_eff) ** 2
+    images = _splat((h, w), b[:, :2], _isotropic(sig_eff), b[:, 3:5] * dilution[:, None])
+    return images, table
+
+
+def _render_realistic(
+    tissue: np.ndarray,
+    cells_px: np.ndarray,
+    *,
+    pixel_size_um: float,
+    cell_diameter_um: float,
+    realism: Realism,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
+    """Image one section under ``realism``: (2, h, w) uint16, per-cell truth, artefacts.
+
+    ``tissue``: template-like values (grey matter ≈ 120, fibre tracts ≈ 225, 0 = no tissue);
+    ``cells_px``: (n, 2) cell centres (x, y) in pixels. The per-cell table has ``snr``
+    (rendered expected peak above background / noise σ there), ``in_focus``, ``diameter_um``,
+    ``background`` (expected signal counts there) and ``noise_sigma``.
+    """
+    r, p = realism, float(pixel_size_um)
+    shape = tissue.shape
+    h, w = shape
+    t = np.clip(tissue.astype(np.float32) / 120.0, 0, None)
+    auto_t = r.auto_level * t * np.clip(1 + r.texture * _texture(shape, p, rng), 0.2, None)
+    stain_t = r.stain * t * np.clip(1 + r.texture * _texture(shape, p, rng), 0.2, None)
+    illum = _illumination(shape, p, r, rng)
+    g_sig, g_auto = rng.uniform(1 - r.section_gain, 1 + r.section_gain, 2)
+    auto = r.offset + g_auto * illum * (r.glass + auto_t)
+    signal = r.offset + g_sig * illum * (r.bleed * (r.glass + auto_t) + stain_t)
+    noise_sigma = np.sqrt(r.gain * (signal - r.offset) + r.read_noise**2)
+    # cells
+    cells_px = np.asarray(cells_px, dtype=np.float64).reshape(-1, 2)
+    n = len(cells_px)
+    diam = cell_diameter_um * np.exp(rng.normal(0, r.cell_size_spread, n))
+    sigma = diam / 2 / 1.3 / p
+    ratio = 1 - rng.uniform(0, r.cell_elongation, n)
+    phi = rng.uniform(0, np.pi, n)
+    in_focus = rng.random(n) >= r.out_of_focus
+    blur = np.where(in_focus, 0.0, rng.uniform(*r.defocus, n) * diam / 2 / p)
+    cos, sin = np.cos(phi), np.sin(phi)
+    rot = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)
+    axes = np.zeros((n, 2, 2))
+    axes[:, 0, 0], axes[:, 1, 1] = sigma**2 / ratio, sigma**2 * ratio
+    focus_cov = rot @ axes @ np.swapaxes(rot, 1, 2) + _isotropic(np.full(n, np.sqrt(1 / 12)))
+    cov = focus_cov + _isotropic(blur)
+    snr0 = _loguniform(rng, r.cell_snr, n)
+    ix = np.clip(np.round(cells_px[:, 0]).astype(int), 0, w - 1)
+    iy = np.clip(np.round(cells_px[:, 1]).astype(int), 0, h - 1)
+    peak = snr0 * noise_sigma[iy, ix] * np.sqrt(np.linalg.det(focus_cov) / np.linalg.det(cov))
+    cells = _splat(shape, cells_px, cov, np.column_stack([peak, r.crosstalk * peak]))
+    cell_table = pd.DataFrame(
+        {
+            "snr": peak / noise_sigma[iy, ix],
+            "in_focus": in_focus,
+            "diameter_um": diam,
+            "background": signal[iy, ix],
+            "noise_sigma": noise_sigma[iy, ix],
+        }
+    )
+    # streaks and specks
+    streaks = _streaks(t, p, r, rng) * noise_sigma
+    specks, artefacts = _specks(t, noise_sigma, p, r, rng)
+    signal = signal + cells[0] + streaks + specks[0]
+    auto = auto + cells[1] + r.streak_auto * streaks + specks[1]
+    out = np.empty((2, h, w), dtype=np.uint16)
+    for c, mean in enumerate((signal, auto)):
+        photons = rng.poisson(np.maximum(mean - r.offset, 0) / r.gain)
+        value = r.offset + r.gain * photons + rng.normal(0, r.read_noise, shape)
+        out[c] = np.clip(np.round(value), 0, r.saturation)
+    return out, cell_table, artefacts
+
+
+def _field_tissue(shape: tuple[int, int], pixel_um: float, rng: np.random.Generator) -> np.ndarray:
+    """Template-like tissue for a standalone field: grey matter, a fibre tract, an edge."""
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) * np.float32(pixel_um)
+    extent = float(np.hypot(h, w)) * pixel_um
+
+    def line_distance(frac: float) -> np.ndarray:
+        ang = rng.uniform(0, 2 * np.pi)
+        proj = xx * np.cos(ang) + yy * np.sin(ang)
+        proj += 0.04 * extent * _smooth_field(shape, pixel_um, 0.15 * extent, rng)
+        return proj - float(np.quantile(proj[::4, ::4], frac))  # frac of the field below 0
+
+    edge = line_distance(rng.uniform(0.75, 0.85))  # tissue where edge < 0
+    tract = np.abs(line_distance(rng.uniform(0.3, 0.5)))
+    half_width = rng.uniform(0.04, 0.08) * extent
+    grey = 120.0 * (1 + 0.08 * _smooth_field(shape, pixel_um, 300.0, rng))
+    wm = 1 / (1 + np.exp((tract - half_width) / 15.0))  # soft edge over ~15 µm
+    value = grey * (1 - wm) + 225.0 * wm
+    inside = 1 / (1 + np.exp(edge / 3.0))  # tissue boundary sharp to ~3 µm
+    return (value * inside * (inside > 0.01)).astype(np.float32)
+
+
+def realistic_field(
+    shape: tuple[int, int] = (1024, 1024),
+    *,
+    pixel_size_um: float = 1.4,
+    cell_diameter_um: float = 15.0,
+    cells_per_mm2: float = 100.0,
+    seed: int = 0,
+    realism: Realism | None = None,
+    extras: bool = False,
+) -> tuple:
+    """One realistic 2-channel fluorescence field with its truth, without building a world.
+
+    The field holds tissue (grey matter with a fibre tract across it) and, beyond a wavy
+    edge, bare slide (15–25 % of the field); cells are placed at ``cells_per_mm2`` in grey
+    matter (a fifth of that in the tract, none off tissue), no two closer than 0.7 diameters,
+    then imaged with :func:`_render_realistic` — the same code that renders the world's
+    sections (see :class:`Realism` for the model).
+
+    Returns
+    -------
+    signal, autofluorescence
+        uint16 images of ``shape``.
+    truth
+        One row per cell: ``x``, ``y`` (pixels, column/row), ``snr``, ``in_focus``,
+        ``diameter_um``, ``background``, ``noise_sigma``.
+    details
+        Only with ``extras=True``, a 4th item: ``{"artefacts": DataFrame, "tissue": ndarray}``
+        — the specks (not cells: ``x``, ``y``, ``kind`` small/cell/large, ``diameter_um``,
+        ``snr``, ``auto_ratio``) and the bool tissue mask.
+    """
+    from scipy.spatial import cKDTree
+
+    realism = realism or Realism.realistic()
+    if realism.preset == "easy":
+        raise ValueError("realistic_field needs a realistic Realism (the easy preset is a world's)")
+    rng = np.random.default_rng(seed)
+    shape = (int(shape[0]), int(shape[1]))
+    tissue = _field_tissue(shape, pixel_size_um, rng)
+    t = tissue / 120.0
+    density = np.where(t > 1.5, 0.2, 1.0) * (t > 0.5)
+    area_mm2 = shape[0] * shape[1] * pixel_size_um**2 / 1e6
+    n = rng.poisson(cells_per_mm2 * area_mm2 * 1.3)
+    xy = rng.uniform(0, 1, (n, 2)) * np.array([shape[1], shape[0]])
+    ix, iy = xy.astype(int).T
+    xy = xy[rng.random(n) < density[iy, ix]]
+    min_px = 0.7 * cell_diameter_um / pixel_size_um
+    drop = {j for _, j in cKDTree(xy).query_pairs(min_px)} if len(xy) else set()
+    xy = xy[np.setdiff1d(np.arange(len(xy)), sorted(drop))]
+    image, cells, artefacts = _render_realistic(
+        tissue,
+        xy,
+        pixel_size_um=pixel_size_um,
+        cell_diameter_um=cell_diameter_um,
+        realism=realism,
+        rng=rng,
+    )
+    truth = pd.concat([pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1]}), cells], axis=1)
+    if not extras:
+        return image[0], image[1], truth
+    details = {
+        "artefacts": artefacts.rename(columns={"x_px": "x", "y_px": "y"}),
+        "tissue": tissue > 0,
+    }
+    return image[0], image[1], truth, details
 
 
 def _render_section(

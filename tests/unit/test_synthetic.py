@@ -287,3 +287,41 @@ def test_make_world_refuses_a_different_config(world: PhantomWorld) -> None:
     with pytest.raises(ValueError, match=r"different config.*seed"):
         make_world(world.root, WorldConfig.tiny(seed=5))
     assert make_world(world.root).config == WorldConfig.tiny()  # None: reuse what is there
+
+
+# --- the realistic rendering ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def field() -> tuple[np.ndarray, np.ndarray, pd.DataFrame, dict]:
+    """A realistic 1024² field at 1.4 µm (~1 s)."""
+    from cellmap2d.synthetic import realistic_field
+
+    return realistic_field(seed=3, extras=True)
+
+
+def test_realistic_field_shape_and_truth(field) -> None:
+    """Two uint16 channels, tissue with bare slide beyond its edge, cells inside tissue."""
+    signal, auto, truth, details = field
+    assert signal.shape == auto.shape == (1024, 1024)
+    assert signal.dtype == auto.dtype == np.uint16
+    tissue = details["tissue"]
+    assert 0.6 < tissue.mean() < 0.97
+    ix, iy = np.round(truth["x"]).astype(int), np.round(truth["y"]).astype(int)
+    assert tissue[iy.clip(0, 1023), ix.clip(0, 1023)].all()
+    assert {"x", "y", "snr", "in_focus"} <= set(truth.columns)
+    assert 100 < len(truth) < 400  # 100 per mm² over ~1.7 mm² of tissue
+    # off tissue: the camera offset (100) plus a little glass, far below the tissue
+    assert np.median(signal[~tissue]) < 130 < np.median(signal[tissue])
+
+
+def test_realistic_field_is_deterministic_per_seed() -> None:
+    """Same seed, same field; another seed, another field."""
+    from cellmap2d.synthetic import realistic_field
+
+    a = realistic_field((256, 256), seed=5)
+    b = realistic_field((256, 256), seed=5)
+    c = realistic_field((256, 256), seed=6)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    pd.testing.assert_frame_equal(a[2], b[2])
+    assert not np.array_equal(a[0], c[0])
