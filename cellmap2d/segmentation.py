@@ -574,7 +574,9 @@ def _detect_tiled(
 _REASONS = ("", "border", "shape", "autofluorescence", "threshold")
 # the "fdr" unit's defaults: floor (local noise units) and false-detection rate
 _FDR_FLOOR = 3.0
-_FDR = 0.05
+_FDR = 0.02
+# local maxima are taken over squares of ± this × the cell radius (coarse px)
+_MAXIMA_WINDOW = 0.7
 # a candidate is a both-channel object (dust, lipofuscin) when the autofluorescence has a
 # blob there of this many units of its own response spread, at least this fraction of the
 # signal's response (both in intensity units)
@@ -968,7 +970,7 @@ def log_window(
     thr = ctx.threshold if threshold is None else threshold
     cut = thr * ctx.precut if ctx.fdr else thr
     radius_c = ctx.radius_px * min(ctx.scales) / f
-    size = max(3, int(2 * np.floor(radius_c) + 1))
+    size = max(3, int(2 * np.floor(radius_c * _MAXIMA_WINDOW) + 1))
     kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (size, size))
     gh, gw = -(-ctx.height // f), -(-ctx.width // f)
     cy0, cx0 = y0 // f, x0 // f
@@ -1032,6 +1034,12 @@ def log_window(
         # a maximum in the positive ring around a deeper dark blob is that blob's echo
         deepest = -_window_extreme(local_min, ys, xs, reach_c, size // 2, np.minimum)
         shape_ok &= response[ys, xs] > _RING * deepest
+    if ctx.fdr and _MIN_SIZE:
+        # an object much smaller than a cell (a granule, a thin fibre) answers the LoG at
+        # half the cell's scale more than at its own
+        half_scale = _half_scale_response(coarse, ys, xs, sigmas[int(np.argmin(ctx.scales))] / 2)
+        raw = response[ys, xs] * np.float32(ctx.noise * _log_kernel(float(sigmas[0]))[1] / f)
+        shape_ok &= half_scale <= _MIN_SIZE * raw
     reason[(reason == 0) & ~shape_ok] = _REASONS.index("shape")
     if not keep_rejected and (reason > 0).any():
         ok = reason == 0
@@ -1070,6 +1078,38 @@ def log_window(
 # this fraction of it: a blob's LoG ring is ~14 % of its peak, two or three neighbours' add up
 _RING = 0.5
 _DARK_RING = 1.0
+
+
+# objects smaller than half the cell diameter are not cells: for a Gaussian blob of σ_b the
+# scale-normalised LoG at s/2 over that at s is (1/4)·((s² + σ_b²) / (s²/4 + σ_b²))², 1.18 for
+# σ_b = s/1.6 (half the default scale's cell, s = 0.8 × the cell's σ); 0 turns the test off
+_MIN_SIZE = 1.18
+
+
+@lru_cache(maxsize=64)
+def _log_kernel_2d(sigma: float) -> np.ndarray:
+    """The 2-D kernel :func:`log_response` applies at ``sigma`` (Gaussian, Laplacian, −σ²)."""
+    g, _ = _log_kernel(sigma)
+    g = g.astype(np.float64)
+    return (-(sigma**2) * ndi.convolve(np.pad(np.outer(g, g), 1), _LAPLACIAN)).astype(np.float32)
+
+
+def _half_scale_response(
+    coarse: np.ndarray, ys: np.ndarray, xs: np.ndarray, sigma: float
+) -> np.ndarray:
+    """The scale-normalised LoG at ``sigma`` (coarse px) at the pixels ``(ys, xs)`` only."""
+    kernel = _log_kernel_2d(max(float(sigma), 0.5)).ravel()
+    k = (int(math.isqrt(kernel.size)) - 1) // 2
+    h, w = coarse.shape
+    offs = np.arange(-k, k + 1)
+    out = np.empty(len(ys), np.float64)
+    for start in range(0, len(ys), 50_000):
+        sl = slice(start, start + 50_000)
+        rows = np.clip(ys[sl, None] + offs, 0, h - 1) * w
+        cols = np.clip(xs[sl, None] + offs, 0, w - 1)
+        patches = coarse.ravel()[(rows[:, :, None] + cols[:, None, :]).reshape(len(rows), -1)]
+        out[sl] = patches @ kernel
+    return out
 
 
 def _window_extreme(
