@@ -38,8 +38,6 @@ DETECTION_COLUMNS = (
     "radius_um",
 )
 METHODS = ("log", "watershed", "trained")
-# the default LoG scale (× the cell's): a little below the median cell separates touching cells
-_DEFAULT_SCALES = (0.8,)
 # sampled residual values used for the noise estimate (the sampling stride follows from this)
 _NOISE_SAMPLE = 250_000
 # about this many response values (on a grid of coarse pixels) give the response spread
@@ -83,6 +81,7 @@ class Context:
     bright_range: float = 1.0  # 99.9th percentile − median of the sampled pixels
     median: float = 0.0  # median of the sampled pixels
     fdr: bool = False  # the "fdr" threshold unit: dark blobs are collected as the null
+    window: float = 1.0  # local maxima over squares of ± this × the cell radius
     precut: float = 1.0  # window-level cut (noise units) = threshold × this
     bleed: float = 0.0  # autofluorescence bleed-through subtracted from the signal
     auto_noise: float = 0.0  # pixel noise of the autofluorescence channel
@@ -280,7 +279,7 @@ def detect_cells_tiled(
         raise TypeError(f"image dtype {dtype} is not numeric")
     if not (pixel_size_um > 0 and cell_diameter_um > 0):
         raise ValueError("pixel_size_um and cell_diameter_um must be positive")
-    scales = tuple(float(s) for s in kw.get("scales", _DEFAULT_SCALES))
+    scales = tuple(float(s) for s in kw.get("scales", (1.0,)))
     if not scales or min(scales) <= 0:
         raise ValueError(f"scales must be positive numbers, not {kw.get('scales')!r}")
     elongation = kw.get("max_elongation", _MAX_ELONGATION)
@@ -348,7 +347,9 @@ def _detect_tiled(
         return empty, qc
 
     radius_px = cell_diameter_um / 2 / pixel_size_um
-    sigma = max(radius_px / math.sqrt(2), 0.5)
+    # the fdr unit's LoG runs a little below the (median) cell's scale, which separates
+    # touching cells, and takes maxima over a smaller square
+    sigma = max(radius_px / math.sqrt(2) * (_FDR_SIGMA if fdr_mode else 1.0), 0.5)
     factor = max(1, int(sigma * min(scales) // kw.get("min_sigma_px", 1.5)))
     bg_sigma = kw.get("background_um") or 10 * cell_diameter_um
     bg_sigma /= pixel_size_um
@@ -375,6 +376,10 @@ def _detect_tiled(
         residual, rows, cols, level = _residual_sample(data, wy0, wx0, height, width, stride)
         values, value_rows, value_cols = _value_sample(inner, y0, x0, stride)
         in_tissue = _tissue_pixels(tissue, rows - y0, cols - x0, block)
+        # the image-wide block of each tissue sample (for the noise model's interior test)
+        sample_blocks = np.stack(
+            np.broadcast_arrays((rows // block)[:, None], (cols // block)[None, :])
+        )[:, in_tissue]
         out = [
             residual[in_tissue],
             values[_tissue_pixels(tissue, value_rows - y0, value_cols - x0, block)],
@@ -382,6 +387,7 @@ def _detect_tiled(
             tissue,
             saturated,
             level[in_tissue],
+            sample_blocks,
         ]
         if auto is not None:
             adata = _read(auto, wy0, wy1, wx0, wx1)
@@ -404,7 +410,7 @@ def _detect_tiled(
         means[by : by + r[2].shape[0], bx : bx + r[2].shape[1]] = r[2]
         tissue[by : by + r[2].shape[0], bx : bx + r[2].shape[1]] = r[3]
         if auto is not None:
-            auto_means[by : by + r[7].shape[0], bx : bx + r[7].shape[1]] = r[7]
+            auto_means[by : by + r[8].shape[0], bx : bx + r[8].shape[1]] = r[8]
     saturated = sum(r[4] for r in results)
     if saturated > 0.5 * height * width:
         raise ValueError(
@@ -420,7 +426,7 @@ def _detect_tiled(
     qc["tissue_mm2"] = tissue_px * (pixel_size_um / 1000) ** 2
     bleed, auto_noise = 0.0, 0.0
     if auto is not None:
-        auto_res = np.concatenate([r[6] for r in results])
+        auto_res = np.concatenate([r[7] for r in results])
         auto_noise = _noise_from_residuals(auto_res)
         bleed = kw.get("bleed_through")
         if bleed is None:
@@ -440,7 +446,11 @@ def _detect_tiled(
     noise_levels = noise_sigmas = None
     precut = 1.0
     if fdr_mode and kw.get("noise") is None:
-        noise_levels, noise_sigmas = _noise_model(residuals, levels)
+        # blocks at the edge of tissue mix it with padding or bare slide: left out
+        interior = tissue & ~ndi.binary_dilation(~tissue, np.ones((3, 3), bool))
+        by, bx = np.concatenate([r[6] for r in results], axis=1)
+        use = interior[by, bx]
+        noise_levels, noise_sigmas = _noise_model(residuals[use], levels[use])
         if noise_levels is not None:
             in_tissue = raw_background[tissue]
             lo = float(np.interp(in_tissue, noise_levels, noise_sigmas).min())
@@ -473,6 +483,7 @@ def _detect_tiled(
         bright_range=max(bright_range, 1e-12),
         median=float(np.median(values)) if len(values) else 0.0,
         fdr=fdr_mode,
+        window=_FDR_WINDOW if fdr_mode else 1.0,
         precut=precut,
         bleed=bleed,
         auto_noise=auto_noise,
@@ -575,8 +586,9 @@ _REASONS = ("", "border", "shape", "autofluorescence", "threshold")
 # the "fdr" unit's defaults: floor (local noise units) and false-detection rate
 _FDR_FLOOR = 3.0
 _FDR = 0.02
-# local maxima are taken over squares of ± this × the cell radius (coarse px)
-_MAXIMA_WINDOW = 0.7
+# the fdr unit's LoG σ (× the cell's, r/√2) and its maxima's square (± this × the radius)
+_FDR_SIGMA = 0.8
+_FDR_WINDOW = 0.56
 # a candidate is a both-channel object (dust, lipofuscin) when the autofluorescence has a
 # blob there of this many units of its own response spread, at least this fraction of the
 # signal's response (both in intensity units)
@@ -970,7 +982,7 @@ def log_window(
     thr = ctx.threshold if threshold is None else threshold
     cut = thr * ctx.precut if ctx.fdr else thr
     radius_c = ctx.radius_px * min(ctx.scales) / f
-    size = max(3, int(2 * np.floor(radius_c * _MAXIMA_WINDOW) + 1))
+    size = max(3, int(2 * np.floor(radius_c * ctx.window) + 1))
     kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (size, size))
     gh, gw = -(-ctx.height // f), -(-ctx.width // f)
     cy0, cx0 = y0 // f, x0 // f
@@ -1108,7 +1120,7 @@ def _half_scale_response(
         rows = np.clip(ys[sl, None] + offs, 0, h - 1) * w
         cols = np.clip(xs[sl, None] + offs, 0, w - 1)
         patches = coarse.ravel()[(rows[:, :, None] + cols[:, None, :]).reshape(len(rows), -1)]
-        out[sl] = patches @ kernel
+        out[sl] = np.einsum("nk,k->n", patches, kernel)  # per row, without BLAS
     return out
 
 
@@ -1276,10 +1288,10 @@ def _gaussian_profile_fit(
     p = profiles - profiles.mean(axis=1, keepdims=True)
     pp = np.einsum("ij,ij->i", p, p)
     uc = u - u.mean()
-    rss_line = pp - (p @ uc) ** 2 / float(uc @ uc)
+    rss_line = pp - np.einsum("ij,j->i", p, uc) ** 2 / float(uc @ uc)
     g = np.exp(-0.5 * ((u[None, :] - centres[:, None]) / sigma_t) ** 2)
     g -= g.mean(axis=1, keepdims=True)
-    gp, gg = p @ g.T, np.einsum("ij,ij->i", g, g)
+    gp, gg = np.einsum("ij,kj->ik", p, g), np.einsum("ij,ij->i", g, g)
     with np.errstate(divide="ignore", invalid="ignore"):
         amp = np.where(gg > 0, gp / gg, 0.0)
         rss = np.where(amp > 0, pp[:, None] - amp * gp, np.inf)
