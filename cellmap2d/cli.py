@@ -164,7 +164,22 @@ def _run(args: argparse.Namespace) -> int:
         log_level=args.log_level,
     )
     print(result.summary_text)
+    _print_detection_flags(Path(settings.store))
     return code
+
+
+def _print_detection_flags(store: Path) -> None:
+    """One line per section whose detection QC is flagged (``qc/sections.csv``)."""
+    import pandas as pd
+
+    for table in sorted(store.glob("brains/*/qc/sections.csv")):
+        qc = pd.read_csv(table, keep_default_na=False)
+        flagged = qc[qc.get("detection_flag", pd.Series("", index=qc.index)) != ""]
+        for row in flagged.itertuples():
+            print(
+                f"detection QC: brain {table.parent.parent.name} section {row.section}: "
+                f"{row.detection_flag}"
+            )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -195,6 +210,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(result.summary_text)
         return code
     _report_demo(world, store)
+    _print_detection_flags(store)
     print(f"\nFinished in {time.perf_counter() - started:.0f} s.")
     return 0
 

@@ -44,6 +44,11 @@ _NOISE_SAMPLE = 250_000
 _RESPONSE_SAMPLE = 500_000
 # options of detect_cells used here, not passed on to the window functions
 _SHARED_OPTIONS = (
+    "autofluorescence",
+    "autofluorescence_threshold",
+    "bleed_through",
+    "fdr",
+    "return_qc",
     "background_um",
     "noise",
     "threshold",
@@ -75,6 +80,26 @@ class Context:
     sample_step: int = 1  # coarse-pixel stride of the response sampling grid
     bright_range: float = 1.0  # 99.9th percentile − median of the sampled pixels
     median: float = 0.0  # median of the sampled pixels
+    fdr: bool = False  # the "fdr" threshold unit: dark blobs are collected as the null
+    window: float = 1.0  # local maxima over squares of ± this × the cell radius
+    precut: float = 1.0  # window-level cut (noise units) = threshold × this
+    bleed: float = 0.0  # autofluorescence bleed-through subtracted from the signal
+    auto_noise: float = 0.0  # pixel noise of the autofluorescence channel
+    # local noise: pixel noise σ (noise model bins) against the raw signal's block-mean level
+    noise_levels: np.ndarray | None = None
+    noise_sigmas: np.ndarray | None = None
+    raw_background: np.ndarray | None = None  # smoothed raw-signal block means
+
+    def noise_at(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """Local pixel noise at image positions (the global noise without a noise model)."""
+        if self.noise_levels is None or self.raw_background is None:
+            return np.full(np.shape(xs), self.noise)
+        coords = [
+            (np.asarray(ys) + 0.5) / self.block - 0.5,
+            (np.asarray(xs) + 0.5) / self.block - 0.5,
+        ]
+        level = ndi.map_coordinates(self.raw_background, coords, order=1, mode="nearest")
+        return np.interp(level, self.noise_levels, self.noise_sigmas)
 
     def background_at(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         """Background (bilinear on the block grid) at image positions."""
@@ -260,10 +285,19 @@ def detect_cells_tiled(
     elongation = kw.get("max_elongation", _MAX_ELONGATION)
     if not (elongation is None or elongation == 0 or float(elongation) > 1):
         raise ValueError(f"max_elongation must be > 1 (or 0: off), not {elongation!r}")
+    auto = kw.get("autofluorescence")
+    if auto is not None:
+        if tuple(int(v) for v in auto.shape) != tuple(int(v) for v in array.shape):
+            raise ValueError(
+                f"autofluorescence shape {tuple(auto.shape)} is not the image's "
+                f"{tuple(array.shape)}"
+            )
+        if method != "log":
+            raise ValueError("autofluorescence= is for method='log'")
     cv_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
-        return _detect_tiled(
+        cells, qc = _detect_tiled(
             array,
             dtype=dtype,
             pixel_size_um=float(pixel_size_um),
@@ -277,6 +311,8 @@ def detect_cells_tiled(
         )
     finally:
         cv2.setNumThreads(cv_threads)
+    cells.attrs["qc"] = qc
+    return (cells, qc) if kw.get("return_qc") else cells
 
 
 def _detect_tiled(
@@ -291,15 +327,29 @@ def _detect_tiled(
     workers: int,
     scales: tuple[float, ...],
     kw: dict[str, Any],
-) -> pd.DataFrame:
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     height, width = (int(s) for s in array.shape)
     columns = _columns(method)
     empty = pd.DataFrame({c: pd.Series(dtype=np.float64) for c in columns})
+    auto = kw.get("autofluorescence")
+    unit = kw.get("threshold_unit", "fdr" if method == "log" else "noise")
+    if unit not in ("noise", "spread", "fdr"):
+        raise ValueError(f"threshold_unit must be 'fdr', 'noise' or 'spread', not {unit!r}")
+    if unit == "fdr" and method != "log":
+        raise ValueError("threshold_unit='fdr' is for method='log'")
+    fdr_mode = unit == "fdr"
+    threshold = float(kw.get("threshold", _FDR_FLOOR if fdr_mode else 6.0))
+    q = float(kw.get("fdr", _FDR))
+    if not 0 < q < 1:
+        raise ValueError(f"fdr must be in (0, 1), not {q!r}")
+    qc = _empty_qc(unit, threshold, q if fdr_mode else None)
     if height == 0 or width == 0:
-        return empty
+        return empty, qc
 
     radius_px = cell_diameter_um / 2 / pixel_size_um
-    sigma = max(radius_px / math.sqrt(2), 0.5)
+    # the fdr unit's LoG runs a little below the (median) cell's scale, which separates
+    # touching cells, and takes maxima over a smaller square
+    sigma = max(radius_px / math.sqrt(2) * (_FDR_SIGMA if fdr_mode else 1.0), 0.5)
     factor = max(1, int(sigma * min(scales) // kw.get("min_sigma_px", 1.5)))
     bg_sigma = kw.get("background_um") or 10 * cell_diameter_um
     bg_sigma /= pixel_size_um
@@ -311,7 +361,7 @@ def _detect_tiled(
     stride = max(1, -(-height * width // _NOISE_SAMPLE))
     cores = list(_cores(height, width, step))
 
-    def stats(core: tuple[int, int, int, int]) -> tuple[np.ndarray, ...]:
+    def stats(core: tuple[int, int, int, int]) -> tuple[Any, ...]:
         y0, y1, x0, x1 = core
         wy0, wy1, wx0, wx1 = (
             max(0, y0 - margin),
@@ -323,26 +373,44 @@ def _detect_tiled(
         inner = data[y0 - wy0 : y0 - wy0 + (y1 - y0), x0 - wx0 : x0 - wx0 + (x1 - x0)]
         means, tissue, saturated = _block_stats(inner, block, factor, dtype)
         # noise and values are sampled in tissue only (zero padding would shrink both)
-        residual, rows, cols = _residual_sample(data, wy0, wx0, height, width, stride)
+        residual, rows, cols, level = _residual_sample(data, wy0, wx0, height, width, stride)
         values, value_rows, value_cols = _value_sample(inner, y0, x0, stride)
-        return (
-            residual[_tissue_pixels(tissue, rows - y0, cols - x0, block)],
+        in_tissue = _tissue_pixels(tissue, rows - y0, cols - x0, block)
+        # the image-wide block of each tissue sample (for the noise model's interior test)
+        sample_blocks = np.stack(
+            np.broadcast_arrays((rows // block)[:, None], (cols // block)[None, :])
+        )[:, in_tissue]
+        out = [
+            residual[in_tissue],
             values[_tissue_pixels(tissue, value_rows - y0, value_cols - x0, block)],
             means,
             tissue,
             saturated,
-        )
+            level[in_tissue],
+            sample_blocks,
+        ]
+        if auto is not None:
+            adata = _read(auto, wy0, wy1, wx0, wx1)
+            ainner = adata[y0 - wy0 : y0 - wy0 + (y1 - y0), x0 - wx0 : x0 - wx0 + (x1 - x0)]
+            ameans, _, _ = _block_stats(ainner, block, factor, np.dtype(adata.dtype))
+            ares = _residual_sample(adata, wy0, wx0, height, width, stride)[0]
+            out += [ares[in_tissue], ameans]
+        return tuple(out)
 
     results = _map(stats, cores, workers)
     residuals = np.concatenate([r[0] for r in results])
     values = np.concatenate([r[1] for r in results])
+    levels = np.concatenate([r[5] for r in results])
     n_blocks = (-(-height // block), -(-width // block))
     means = np.zeros(n_blocks, np.float64)
+    auto_means = np.zeros(n_blocks, np.float64)
     tissue = np.zeros(n_blocks, bool)
     for (y0, _, x0, _), r in zip(cores, results, strict=True):
         by, bx = y0 // block, x0 // block
         means[by : by + r[2].shape[0], bx : bx + r[2].shape[1]] = r[2]
         tissue[by : by + r[2].shape[0], bx : bx + r[2].shape[1]] = r[3]
+        if auto is not None:
+            auto_means[by : by + r[8].shape[0], bx : bx + r[8].shape[1]] = r[8]
     saturated = sum(r[4] for r in results)
     if saturated > 0.5 * height * width:
         raise ValueError(
@@ -350,18 +418,45 @@ def _detect_tiled(
             f"{dtype} maximum {np.iinfo(dtype).max}"
         )
     if not tissue.any():
-        return empty  # constant (e.g. all-zero) section
+        return empty, qc  # constant (e.g. all-zero) section
+    # tissue area: the tissue blocks, clipped to the image
+    block_h = np.minimum(block, height - np.arange(n_blocks[0]) * block)
+    block_w = np.minimum(block, width - np.arange(n_blocks[1]) * block)
+    tissue_px = float((np.outer(block_h, block_w) * tissue).sum())
+    qc["tissue_mm2"] = tissue_px * (pixel_size_um / 1000) ** 2
+    bleed, auto_noise = 0.0, 0.0
+    if auto is not None:
+        auto_res = np.concatenate([r[7] for r in results])
+        auto_noise = _noise_from_residuals(auto_res)
+        bleed = kw.get("bleed_through")
+        if bleed is None:
+            bleed = _bleed_coefficient(means[tissue], auto_means[tissue])
+        bleed = float(bleed)
+        if bleed:
+            residuals = residuals - np.float32(bleed) * auto_res
+        qc["bleed_through"] = bleed
     noise = kw.get("noise")
     if noise is None:
         noise = _noise_from_residuals(residuals)
     if noise <= 0:
-        return empty
-    background = ndi.gaussian_filter(means, bg_sigma / block, mode="nearest")
+        return empty, qc
+    qc["noise"] = float(noise)
+    raw_background = ndi.gaussian_filter(means, bg_sigma / block, mode="nearest")
+    background = ndi.gaussian_filter(means - bleed * auto_means, bg_sigma / block, mode="nearest")
+    noise_levels = noise_sigmas = None
+    precut = 1.0
+    if fdr_mode and kw.get("noise") is None:
+        # blocks at the edge of tissue mix it with padding or bare slide: left out
+        interior = tissue & ~ndi.binary_dilation(~tissue, np.ones((3, 3), bool))
+        by, bx = np.concatenate([r[6] for r in results], axis=1)
+        use = interior[by, bx]
+        noise_levels, noise_sigmas = _noise_model(residuals[use], levels[use])
+        if noise_levels is not None:
+            in_tissue = raw_background[tissue]
+            lo = float(np.interp(in_tissue, noise_levels, noise_sigmas).min())
+            precut = min(1.0, max(lo, 1e-6 * noise) / noise)
+            qc["noise_range"] = (float(noise_sigmas.min()), float(noise_sigmas.max()))
     bright_range = float(np.percentile(values, 99.9) - np.median(values)) if len(values) else 0.0
-    threshold = float(kw.get("threshold", 6.0))
-    unit = kw.get("threshold_unit", "noise")
-    if unit not in ("noise", "spread"):
-        raise ValueError(f"threshold_unit must be 'noise' or 'spread', not {unit!r}")
     min_brightness = float(kw.get("min_brightness", 0.0))
     options = {k: v for k, v in kw.items() if k not in _SHARED_OPTIONS}
     if method == "trained":
@@ -387,6 +482,14 @@ def _detect_tiled(
         sample_step=max(1, math.ceil(math.sqrt(coarse_pixels / _RESPONSE_SAMPLE))),
         bright_range=max(bright_range, 1e-12),
         median=float(np.median(values)) if len(values) else 0.0,
+        fdr=fdr_mode,
+        window=_FDR_WINDOW if fdr_mode else 1.0,
+        precut=precut,
+        bleed=bleed,
+        auto_noise=auto_noise,
+        noise_levels=noise_levels,
+        noise_sigmas=noise_sigmas,
+        raw_background=raw_background if noise_levels is not None else None,
     )
     if overlap is None:
         sigma_c = _coarse_sigma(sigma * max(ctx.scales), factor)
@@ -397,38 +500,188 @@ def _detect_tiled(
 
     sample_response = method in ("log", "watershed") and unit == "spread"
 
-    def detect(core: tuple[int, int, int, int]) -> tuple[pd.DataFrame | None, np.ndarray | None]:
+    def in_core(x: np.ndarray, y: np.ndarray, core: tuple[int, int, int, int]) -> np.ndarray:
+        y0, y1, x0, x1 = core
+        keep = (y >= y0 - 0.5) & (y < y1 - 0.5) & (x >= x0 - 0.5) & (x < x1 - 0.5)
+        keep[keep] = ctx.in_tissue(x[keep], y[keep])
+        return keep
+
+    def detect(core: tuple[int, int, int, int]) -> tuple[Any, ...]:
         y0, y1, x0, x1 = core
         if not tissue[y0 // block : -(-y1 // block), x0 // block : -(-x1 // block)].any():
-            return None, None
+            return None, None, None, None
         wy0, wy1 = max(0, y0 - overlap), min(height, y1 + overlap)
         wx0, wx1 = max(0, x0 - overlap), min(width, x1 + overlap)
         data = _read(array, wy0, wy1, wx0, wx1)
-        cells, response = detector(data, wy0, wx0, ctx)
+        adata = _read(auto, wy0, wy1, wx0, wx1) if auto is not None else None
+        cells, response, extra = detector(data, wy0, wx0, ctx, adata)
         samples = _grid_samples(response, wy0, wx0, core, ctx) if sample_response else None
+        auto_samples = dark = None
+        if extra.get("auto_response") is not None:
+            auto_samples = _grid_samples(extra["auto_response"], wy0, wx0, core, ctx)
+        if extra.get("dark") is not None and len(extra["dark"]):
+            d = extra["dark"]
+            dark = d[in_core(d[:, 0], d[:, 1], core), 2]
         if cells is None or len(cells) == 0:
-            return None, samples
-        x, y = cells["x"].to_numpy(), cells["y"].to_numpy()
-        keep = (y >= y0 - 0.5) & (y < y1 - 0.5) & (x >= x0 - 0.5) & (x < x1 - 0.5)
-        keep[keep] = ctx.in_tissue(x[keep], y[keep])
-        return cells[keep], samples
+            return None, samples, auto_samples, dark
+        keep = in_core(cells["x"].to_numpy(), cells["y"].to_numpy(), core)
+        return cells[keep], samples, auto_samples, dark
 
     found = _map(detect, cores, workers)
-    frames = [f for f, _ in found if f is not None and len(f)]
+    frames = [f[0] for f in found if f[0] is not None and len(f[0])]
     if not frames:
-        return empty
+        return empty, qc
     cells = pd.concat(frames, ignore_index=True)
-    if sample_response:
-        samples = np.concatenate([s for _, s in found if s is not None])
+    reason = (
+        cells.pop("_reason").to_numpy() if "_reason" in cells else np.zeros(len(cells), np.int8)
+    )
+    if auto is not None and "auto_response" in cells:
+        auto_samples = np.concatenate([f[2] for f in found if f[2] is not None])
+        auto_unit = max(1.0, robust_spread(auto_samples))
+        auto_response = cells.pop("auto_response").to_numpy()
+        # both responses in intensity units: the signal's after the bleed-through is removed
+        auto_intensity = auto_response * cells.pop("auto_scale").to_numpy()
+        auto_threshold = float(kw.get("autofluorescence_threshold", _AUTO_THRESHOLD))
+        both = (auto_response / auto_unit >= auto_threshold) & (
+            auto_intensity >= _AUTO_RATIO * cells["response"].to_numpy()
+        )
+        reason[(reason == 0) & both] = _REASONS.index("autofluorescence")
+    response = cells["response"].to_numpy()
+    if fdr_mode:
+        darks = [f[3] for f in found if f[3] is not None]
+        dark = np.concatenate(darks) if darks else np.zeros(0)
+        dark = dark[dark > threshold]
+        ok = reason == 0
+        t = max(threshold, fdr_threshold(response[ok & (response > threshold)], dark, q, threshold))
+        qc["n_dark"] = int(len(dark))
+        qc["threshold"] = float(t)
+    elif sample_response:
+        samples = np.concatenate([f[1] for f in found if f[1] is not None])
         # on white noise the spread is 1 (noise units) but a small image's estimate scatters
         # by ~10 %: the margin keeps the unit at the pixel noise's there
         spread = max(1.0, robust_spread(samples) - 0.25)
-        cells = cells[cells["response"].to_numpy() >= threshold * spread]
+        t = threshold * spread
+        qc["threshold"] = float(t)
+    else:
+        t = threshold
+    below = response < t
     if min_brightness > 0:
         above = cells["intensity"].to_numpy() - cells["background"].to_numpy()
-        cells = cells[above >= min_brightness * ctx.bright_range]
+        below |= above < min_brightness * ctx.bright_range
+    reason[(reason == 0) & below] = _REASONS.index("threshold")
+    n = len(cells)
+    qc["n_candidates"] = int(n)
+    for i, name in enumerate(_REASONS[1:], start=1):
+        qc[f"rejected_{name}"] = float((reason == i).sum() / n) if n else 0.0
+    cells = cells[reason == 0]
+    qc["n_cells"] = int(len(cells))
+    if qc["tissue_mm2"] > 0:
+        qc["cells_per_mm2"] = len(cells) / qc["tissue_mm2"]
     order = _row_major_order(cells["x"].to_numpy(), cells["y"].to_numpy())
-    return cells.iloc[order][list(columns)].reset_index(drop=True)
+    return cells.iloc[order][list(columns)].reset_index(drop=True), qc
+
+
+# why a candidate (a response maximum above the window cut) is not a cell: 0 = it is
+_REASONS = ("", "border", "shape", "autofluorescence", "threshold")
+# the "fdr" unit's defaults: floor (local noise units) and false-detection rate
+_FDR_FLOOR = 3.0
+_FDR = 0.02
+# the fdr unit's LoG σ (× the cell's, r/√2) and its maxima's square (± this × the radius)
+_FDR_SIGMA = 0.8
+_FDR_WINDOW = 0.56
+# a candidate is a both-channel object (dust, lipofuscin) when the autofluorescence has a
+# blob there of this many units of its own response spread, at least this fraction of the
+# signal's response (both in intensity units)
+_AUTO_THRESHOLD = 5.0
+_AUTO_RATIO = 0.25
+
+
+def _empty_qc(unit: str, threshold: float, fdr: float | None) -> dict[str, Any]:
+    qc: dict[str, Any] = {
+        "threshold_unit": unit,
+        "threshold": threshold,
+        "fdr": fdr,
+        "tissue_mm2": 0.0,
+        "noise": float("nan"),
+        "n_candidates": 0,
+        "n_cells": 0,
+        "cells_per_mm2": 0.0,
+    }
+    qc.update({f"rejected_{name}": 0.0 for name in _REASONS[1:]})
+    return qc
+
+
+def fdr_threshold(bright: np.ndarray, dark: np.ndarray, q: float, floor: float) -> float:
+    """The smallest ``t`` among the ``bright`` values (all above ``floor``) with
+    ``E(t) / #bright ≥ t ≤ q``, where ``E(t)``, the number of false maxima expected at ``t`` or
+    above, is the number of ``dark`` blobs there: noise and texture make dark and bright blobs
+    alike, cells only bright ones. Beyond the 10th deepest dark blob ``E`` follows an
+    exponential tail fitted to the deepest ones (heavier than the Gaussian tail of noise, so
+    the estimate errs on the safe side), so a few cells far above every dark blob pass; ``inf``
+    when no ``t`` does."""
+    if len(bright) == 0:
+        return float("inf")
+    values = np.sort(np.asarray(bright, np.float64))[::-1]
+    dark = np.sort(np.asarray(dark, np.float64))
+    expected = len(dark) - np.searchsorted(dark, values, side="left").astype(np.float64)
+    if len(dark) >= _TAIL_POINTS:
+        top = dark[-_TAIL_POINTS:]
+        anchor, count = float(top[0]), _TAIL_POINTS
+        scale = max(float(np.mean(top - anchor)), 0.25)
+    else:
+        # too few dark blobs to fit: an exponential from the floor, at least 1 unit wide
+        anchor, count = floor, max(len(dark), 1)
+        scale = max(float(np.mean(dark - floor)) if len(dark) else 0.0, 1.0)
+    beyond = values > anchor
+    expected[beyond] = count * np.exp(-(values[beyond] - anchor) / scale)
+    ok = expected / np.arange(1, len(values) + 1) <= q
+    if not ok.any():
+        return float("inf")
+    return float(values[np.flatnonzero(ok).max()])
+
+
+# the deepest dark blobs the tail of the null is fitted to
+_TAIL_POINTS = 10
+
+
+def _bleed_coefficient(signal: np.ndarray, auto: np.ndarray) -> float:
+    """Bleed-through of the autofluorescence into the signal: the slope of the signal's median
+    block mean against the autofluorescence's, over ~20 quantile bins of the autofluorescence
+    (medians ignore the few blocks with cells), ≥ 0."""
+    if len(signal) < 10:
+        return 0.0
+    order = np.argsort(auto)
+    bins = np.array_split(order, min(20, len(order) // 5))
+    a = np.array([np.median(auto[b]) for b in bins])
+    s = np.array([np.median(signal[b]) for b in bins])
+    if np.ptp(a) <= 0:
+        return 0.0
+    slope = np.polyfit(a, s, 1)[0]
+    return float(max(slope, 0.0))
+
+
+def _noise_model(
+    residual: np.ndarray, level: np.ndarray
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Pixel noise against the raw signal level (shot noise grows with it): the residual
+    noise (:func:`_noise_from_residuals`) in up to 16 quantile bins of the 3×3 mean it is
+    centred on (≥ 5000 samples each), and the bins' median levels; ``None`` with
+    too few samples."""
+    n_bins = min(16, len(residual) // 5000)
+    if n_bins < 2:
+        return None, None
+    step = max(1, len(residual) // 80_000)  # ~5000 a bin are plenty
+    residual, level = residual[::step], level[::step]
+    order = np.argsort(level, kind="stable")
+    bins = np.array_split(order, n_bins)
+    levels = np.array([np.median(level[b]) for b in bins])
+    sigmas = np.array([_noise_from_residuals(residual[b]) for b in bins])
+    # constant pixels (padding, clipped background) have no noise to measure; equal levels
+    # (quantised data) are one level
+    ok = (sigmas > 0) & np.r_[True, np.diff(levels) > 0]
+    if ok.sum() < 2:
+        return None, None
+    return levels[ok], sigmas[ok]
 
 
 def _row_major_order(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -463,25 +716,30 @@ def _columns(method: str) -> tuple[str, ...]:
     return DETECTION_COLUMNS
 
 
-Detector = Callable[[np.ndarray, int, int, Context], tuple[pd.DataFrame | None, np.ndarray | None]]
+Detector = Callable[..., tuple[pd.DataFrame | None, np.ndarray | None, dict[str, Any]]]
 
 
 def _detector(method: str) -> Detector:
-    """The window function of ``method``: cells and, for ``log`` and ``watershed``, the LoG
-    response (noise units)."""
+    """The window function of ``method``: cells, the LoG response (noise units; ``log`` and
+    ``watershed``) and extras (``log``: the dark blobs, the autofluorescence response)."""
     if method == "log":
 
-        def log(data: np.ndarray, y0: int, x0: int, ctx: Context) -> Any:
-            cells, extra = log_window(data, y0, x0, ctx)
-            return cells, extra["response"]
+        def log(data: np.ndarray, y0: int, x0: int, ctx: Context, auto: Any = None) -> Any:
+            cells, extra = log_window(data, y0, x0, ctx, auto=auto, keep_rejected=True)
+            return cells, extra["response"], extra
 
         return log
     from . import _detectors
 
     if method == "watershed":
-        return _detectors.watershed_window
+
+        def watershed(data: np.ndarray, y0: int, x0: int, ctx: Context, auto: Any = None) -> Any:
+            cells, response = _detectors.watershed_window(data, y0, x0, ctx)
+            return cells, response, {}
+
+        return watershed
     window = _detectors.candidates_window if method == "_candidates" else _detectors.trained_window
-    return lambda data, y0, x0, ctx: (window(data, y0, x0, ctx), None)
+    return lambda data, y0, x0, ctx, auto=None: (window(data, y0, x0, ctx), None, {})
 
 
 def _cores(height: int, width: int, step: int) -> Iterator[tuple[int, int, int, int]]:
@@ -519,20 +777,25 @@ _RESIDUAL_NORM = 6.0
 
 def _residual_sample(
     data: np.ndarray, y0: int, x0: int, height: int, width: int, stride: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The residual on image rows ``r ≡ 1 (mod stride)``, interior pixels only, of a window
-    at ``(y0, x0)`` that holds each such row's neighbours; and its image rows and columns."""
+    at ``(y0, x0)`` that holds each such row's neighbours; its image rows and columns; and
+    the 3×3 mean it is centred on (the level, for the noise model)."""
     rows = np.arange(max(1, y0 + 1), min(height - 1, y0 + data.shape[0] - 1))
     rows = rows[(rows - 1) % stride == 0]
     cols = np.arange(1, data.shape[1] - 1) + x0
     ok = (cols >= 1) & (cols <= width - 2)
     if len(rows) == 0 or not ok.any():
-        return np.zeros((0, 0), np.float32), rows[:0], cols[:0]
+        empty = np.zeros((0, 0), np.float32)
+        return empty, rows[:0], cols[:0], empty
     local = rows - y0
     above, here, below = (data[r].astype(np.float32) for r in (local - 1, local, local + 1))
     d = above - 2 * here + below
     res = d[:, :-2] - 2 * d[:, 1:-1] + d[:, 2:]  # centred on columns 1 … n-2 of the window
-    return res[:, ok], rows, cols[ok]
+    # the 3×3 mean: the residual's kernel sums to zero over it, so the two are uncorrelated
+    m = above + here + below
+    level = (m[:, :-2] + m[:, 1:-1] + m[:, 2:]) / 9
+    return res[:, ok], rows, cols[ok], level[:, ok]
 
 
 def _value_sample(
@@ -662,60 +925,101 @@ def log_response(data: np.ndarray, sigma: float) -> tuple[np.ndarray, float]:
 
 def _scale_responses(
     coarse: np.ndarray, ctx: Context
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[float]]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[float], np.ndarray | None]:
     """The scale-normalised LoG response, its maximum over ``ctx.scales`` (where blobs and
     their positions are found); the same response in noise units of the scale that gave it
-    (what the threshold applies to); the index of that scale (``None`` for one scale); and
-    each scale's coarse σ."""
+    (what the threshold applies to); the index of that scale (``None`` for one scale); each
+    scale's coarse σ; and (``fdr`` unit, several scales) the minimum over the scales in noise
+    units, where dark blobs are found (for one scale: the response itself)."""
     sigmas = [_coarse_sigma(ctx.sigma * scale, ctx.factor) for scale in ctx.scales]
     best, norm = log_response(coarse, sigmas[0])
     if len(sigmas) == 1:
         best *= np.float32(ctx.factor / (ctx.noise * norm))
-        return best, best, None, sigmas
+        return best, best, None, sigmas, best
     units = best * np.float32(ctx.factor / (ctx.noise * norm))
+    low = units.copy() if ctx.fdr else None
     which = np.zeros(best.shape, np.uint8)
     for i, sigma_c in enumerate(sigmas[1:], start=1):
         response, norm = log_response(coarse, sigma_c)
         higher = response > best
         which[higher] = i
-        units[higher] = response[higher] * np.float32(ctx.factor / (ctx.noise * norm))
+        scaled = response * np.float32(ctx.factor / (ctx.noise * norm))
+        units[higher] = scaled[higher]
         np.maximum(best, response, out=best)
-    return best, units, which, sigmas
+        if low is not None:
+            np.minimum(low, scaled, out=low)
+    return best, units, which, sigmas, low
 
 
 def log_window(
-    data: np.ndarray, y0: int, x0: int, ctx: Context, *, threshold: float | None = None
+    data: np.ndarray,
+    y0: int,
+    x0: int,
+    ctx: Context,
+    *,
+    threshold: float | None = None,
+    auto: np.ndarray | None = None,
+    keep_rejected: bool = False,
 ) -> tuple[pd.DataFrame | None, dict[str, Any]]:
     """LoG detections of one window at image offset ``(y0, x0)`` (``y0``, ``x0`` multiples of
     ``ctx.factor``), in image coordinates, and the window's filtered images for reuse.
 
-    ``response`` (column and ``extra["response"]``) is in pixel-noise units."""
+    ``response`` (column and ``extra["response"]``) is in pixel-noise units (the ``fdr``
+    unit: the column in local noise units). With ``keep_rejected``, candidates failing the
+    border or shape tests are kept with their reason (``_reason``, index into ``_REASONS``).
+    With ``ctx.fdr``, ``extra["dark"]`` holds the dark blobs ``(x, y, depth)`` (local noise
+    units); with ``auto``, the column ``auto_response`` holds the autofluorescence's response
+    at each candidate (its pixel-noise units, ``extra["auto_response"]`` the whole window)."""
     f = ctx.factor
     coarse = block_mean(data, f)
-    best, response, which, sigmas = _scale_responses(coarse, ctx)
+    coarse_auto = None
+    if auto is not None:
+        coarse_auto = block_mean(auto, f)
+        if ctx.bleed:
+            coarse = coarse - np.float32(ctx.bleed) * coarse_auto
+    best, response, which, sigmas, low = _scale_responses(coarse, ctx)
     extra: dict[str, Any] = {"coarse": coarse, "response": response, "sigma_c": sigmas[0]}
     thr = ctx.threshold if threshold is None else threshold
+    cut = thr * ctx.precut if ctx.fdr else thr
     radius_c = ctx.radius_px * min(ctx.scales) / f
-    size = max(3, int(2 * np.floor(radius_c) + 1))
-    peaks = cv2.compare(response, np.float64(thr), cv2.CMP_GT)
-    if not cv2.countNonZero(peaks):
-        return None, extra
+    size = max(3, int(2 * np.floor(radius_c * ctx.window) + 1))
     kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (size, size))
-    local_max = cv2.dilate(best, kernel, borderType=cv2.BORDER_REFLECT)
-    cv2.bitwise_and(peaks, cv2.compare(best, local_max, cv2.CMP_GE), dst=peaks)
     gh, gw = -(-ctx.height // f), -(-ctx.width // f)
     cy0, cx0 = y0 // f, x0 // f
+    max_elongation = float(ctx.options.get("max_elongation", _MAX_ELONGATION) or 0)
+    reach_c = int(np.ceil(3 * max(sigmas)))  # a blob's negative ring lies within ~2.8 σ
+    local_max = cv2.dilate(best, kernel, borderType=cv2.BORDER_REFLECT)
+    if ctx.fdr:
+        local_min = cv2.erode(low, kernel, borderType=cv2.BORDER_REFLECT)
+        # one scale: ``low`` is ``best`` (the same array)
+        low_max = local_max if low is best else cv2.dilate(low, kernel)
+        extra["dark"] = _dark_blobs(
+            low, local_min, low_max, cut, reach_c, size // 2, max_elongation, y0, x0, ctx
+        )
+    peaks = cv2.compare(response, np.float64(cut), cv2.CMP_GT)
+    if not cv2.countNonZero(peaks):
+        return None, extra
+    cv2.bitwise_and(peaks, cv2.compare(best, local_max, cv2.CMP_GE), dst=peaks)
     points = cv2.findNonZero(peaks)
     if points is None:
         return None, extra
     points = points.reshape(-1, 2).astype(np.intp)
     xs, ys = points[:, 0], points[:, 1]
-    max_elongation = float(ctx.options.get("max_elongation", _MAX_ELONGATION) or 0)
     dx, dy, blob = _peak_shape(best, ys, xs, max_elongation)
     x = (xs + dx + 0.5) * f - 0.5 + x0
     y = (ys + dy + 0.5) * f - 0.5 + y0
     scale = np.asarray(ctx.scales)[which[ys, xs]] if which is not None else ctx.scales[0]
     scale = np.broadcast_to(np.asarray(scale, np.float64), x.shape)
+    values = response[ys, xs].astype(np.float64)
+    if ctx.fdr:
+        values *= ctx.noise / ctx.noise_at(x, y)
+        above = values > thr
+        if not above.all():
+            xs, ys, x, y, dx, dy, blob, scale, values = (
+                v[above] for v in (xs, ys, x, y, dx, dy, blob, scale, values)
+            )
+            if not len(xs):
+                return None, extra
     # the image's outermost coarse pixels see half a neighbourhood (the filters mirror the
     # image there): their maxima are checked, and maxima near the border re-placed, on the
     # pixels themselves
@@ -727,7 +1031,9 @@ def log_window(
             (cy0 + ys == gh - 1) if cy0 + peaks.shape[0] == gh else np.zeros(len(ys), bool),
         ]
     )
-    ok, x, y = _border_cells(data, y0, x0, x, y, scale, edge, ctx)
+    border_ok, x, y = _border_cells(data, y0, x0, x, y, scale, edge, ctx)
+    reason = np.where(border_ok, 0, _REASONS.index("border")).astype(np.int8)
+    shape_ok = np.ones(len(xs), bool)
     if max_elongation:
         # next to the image border a cell merges with its mirror image into an elongated
         # response; _border_cells has checked those
@@ -735,9 +1041,21 @@ def log_window(
         inside = (np.minimum(x + 0.5, ctx.width - 0.5 - x) > reach) & (
             np.minimum(y + 0.5, ctx.height - 0.5 - y) > reach
         )
-        ok &= ~inside | blob
-    if not ok.all():
-        xs, ys, x, y, scale = xs[ok], ys[ok], x[ok], y[ok], scale[ok]
+        shape_ok &= ~inside | blob
+    if ctx.fdr:
+        # a maximum in the positive ring around a deeper dark blob is that blob's echo
+        deepest = -_window_extreme(local_min, ys, xs, reach_c, size // 2, np.minimum)
+        shape_ok &= response[ys, xs] > _RING * deepest
+    if ctx.fdr and _MIN_SIZE:
+        # an object much smaller than a cell (a granule, a thin fibre) answers the LoG at
+        # half the cell's scale more than at its own
+        half_scale = _half_scale_response(coarse, ys, xs, sigmas[int(np.argmin(ctx.scales))] / 2)
+        raw = response[ys, xs] * np.float32(ctx.noise * _log_kernel(float(sigmas[0]))[1] / f)
+        shape_ok &= half_scale <= _MIN_SIZE * raw
+    reason[(reason == 0) & ~shape_ok] = _REASONS.index("shape")
+    if not keep_rejected and (reason > 0).any():
+        ok = reason == 0
+        xs, ys, x, y, scale, values, reason = (v[ok] for v in (xs, ys, x, y, scale, values, reason))
         if not len(xs):
             return None, extra
     intensity, mean = peak_features(coarse, ys, xs, ctx)
@@ -751,11 +1069,114 @@ def log_window(
             "background": background,
             "contrast": (intensity - background) / max(ctx.noise, 1e-6),
             "radius_um": ctx.cell_diameter_um / 2 * scale,
-            "response": response[ys, xs].astype(np.float64),
+            "response": values,
         }
     )
+    if keep_rejected:
+        cells["_reason"] = reason
+    if coarse_auto is not None:
+        auto_response, norm = log_response(coarse_auto, sigmas[0])
+        auto_response *= np.float32(f / (max(ctx.auto_noise, 1e-12) * norm))
+        extra["auto_response"] = auto_response
+        # in intensity units relative to the signal's response (the ratio test's scale)
+        cells["auto_response"] = auto_response[ys, xs].astype(np.float64)
+        cells["auto_scale"] = max(ctx.auto_noise, 1e-12) / ctx.noise
     extra["peaks"] = (ys, xs)
     return cells, extra
+
+
+# a maximum of the response is an echo (the positive ring around a dark blob, or the negative
+# ring of a bright one for a dark blob) when the opposite extreme within 3 σ is deeper than
+# this fraction of it: a blob's LoG ring is ~14 % of its peak, two or three neighbours' add up
+_RING = 0.5
+_DARK_RING = 1.0
+
+
+# objects smaller than half the cell diameter are not cells: for a Gaussian blob of σ_b the
+# scale-normalised LoG at s/2 over that at s is (1/4)·((s² + σ_b²) / (s²/4 + σ_b²))², 1.18 for
+# σ_b = s/1.6 (half the default scale's cell, s = 0.8 × the cell's σ); 0 turns the test off
+_MIN_SIZE = 1.18
+
+
+@lru_cache(maxsize=64)
+def _log_kernel_2d(sigma: float) -> np.ndarray:
+    """The 2-D kernel :func:`log_response` applies at ``sigma`` (Gaussian, Laplacian, −σ²)."""
+    g, _ = _log_kernel(sigma)
+    g = g.astype(np.float64)
+    return (-(sigma**2) * ndi.convolve(np.pad(np.outer(g, g), 1), _LAPLACIAN)).astype(np.float32)
+
+
+def _half_scale_response(
+    coarse: np.ndarray, ys: np.ndarray, xs: np.ndarray, sigma: float
+) -> np.ndarray:
+    """The scale-normalised LoG at ``sigma`` (coarse px) at the pixels ``(ys, xs)`` only."""
+    kernel = _log_kernel_2d(max(float(sigma), 0.5)).ravel()
+    k = (int(math.isqrt(kernel.size)) - 1) // 2
+    h, w = coarse.shape
+    offs = np.arange(-k, k + 1)
+    out = np.empty(len(ys), np.float64)
+    for start in range(0, len(ys), 50_000):
+        sl = slice(start, start + 50_000)
+        rows = np.clip(ys[sl, None] + offs, 0, h - 1) * w
+        cols = np.clip(xs[sl, None] + offs, 0, w - 1)
+        patches = coarse.ravel()[(rows[:, :, None] + cols[:, None, :]).reshape(len(rows), -1)]
+        out[sl] = np.einsum("nk,k->n", patches, kernel)  # per row, without BLAS
+    return out
+
+
+def _window_extreme(
+    extreme: np.ndarray, ys: np.ndarray, xs: np.ndarray, reach: int, half: int, op: Any
+) -> np.ndarray:
+    """The extreme (``op``: np.maximum / np.minimum) of a map over the (2·reach+1)² square
+    around each ``(ys, xs)``, from ``extreme``, the map's extreme over (2·half+1)² squares
+    (a grey dilation or erosion): a few gathers of it whose squares tile the larger one."""
+    h, w = extreme.shape
+    inner = max(reach - half, 0)
+    offsets = np.arange(-inner, inner + 1, 2 * half + 1)
+    if offsets[-1] != inner:
+        offsets = np.append(offsets, inner)
+    out = None
+    for dy in offsets:
+        rows = np.clip(ys + dy, 0, h - 1) * w
+        for dx in offsets:
+            values = extreme.ravel()[rows + np.clip(xs + dx, 0, w - 1)]
+            out = values if out is None else op(out, values)
+    return out.astype(np.float64)
+
+
+def _dark_blobs(
+    low: np.ndarray,
+    local_min: np.ndarray,
+    low_max: np.ndarray,
+    cut: float,
+    reach_c: int,
+    half: int,
+    max_elongation: float,
+    y0: int,
+    x0: int,
+    ctx: Context,
+) -> np.ndarray:
+    """Dark blobs of one window (the null of the ``fdr`` unit): local minima of the response
+    ``low`` (``local_min``, ``low_max``: its grey erosion and dilation over the maxima's
+    square) below ``−cut`` that pass the same shape tests as bright ones (a blob, not a
+    ridge, and not the ring of a brighter blob), as rows ``(x, y, depth)``, depth in local
+    noise units."""
+    f = ctx.factor
+    dark = cv2.compare(low, np.float64(-cut), cv2.CMP_LT)
+    cv2.bitwise_and(dark, cv2.compare(low, local_min, cv2.CMP_LE), dst=dark)
+    points = cv2.findNonZero(dark)
+    if points is None:
+        return np.zeros((0, 3))
+    points = points.reshape(-1, 2).astype(np.intp)
+    xs, ys = points[:, 0], points[:, 1]
+    _, _, blob = _peak_shape(low, ys, xs, max_elongation, sign=-1.0)
+    depth = -low[ys, xs].astype(np.float64)
+    highest = _window_extreme(low_max, ys, xs, reach_c, half, np.maximum)
+    ok = blob & (depth > _DARK_RING * highest)
+    x = (xs[ok] + 0.5) * f - 0.5 + x0
+    y = (ys[ok] + 0.5) * f - 0.5 + y0
+    depth = depth[ok] * ctx.noise / ctx.noise_at(x, y)
+    return np.stack([x, y, depth], axis=1)
 
 
 # Lowe's principal-curvature ratio above which a maximum is a ridge, not a blob (max_elongation)
@@ -867,10 +1288,10 @@ def _gaussian_profile_fit(
     p = profiles - profiles.mean(axis=1, keepdims=True)
     pp = np.einsum("ij,ij->i", p, p)
     uc = u - u.mean()
-    rss_line = pp - (p @ uc) ** 2 / float(uc @ uc)
+    rss_line = pp - np.einsum("ij,j->i", p, uc) ** 2 / float(uc @ uc)
     g = np.exp(-0.5 * ((u[None, :] - centres[:, None]) / sigma_t) ** 2)
     g -= g.mean(axis=1, keepdims=True)
-    gp, gg = p @ g.T, np.einsum("ij,ij->i", g, g)
+    gp, gg = np.einsum("ij,kj->ik", p, g), np.einsum("ij,ij->i", g, g)
     with np.errstate(divide="ignore", invalid="ignore"):
         amp = np.where(gg > 0, gp / gg, 0.0)
         rss = np.where(amp > 0, pp[:, None] - amp * gp, np.inf)
@@ -959,7 +1380,7 @@ def peak_features(
 
 
 def _peak_shape(
-    response: np.ndarray, ys: np.ndarray, xs: np.ndarray, ratio: float
+    response: np.ndarray, ys: np.ndarray, xs: np.ndarray, ratio: float, sign: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sub-pixel offsets of the maxima ``(ys, xs)`` of ``response`` (a parabola through each
     and its two neighbours per axis), and whether each is a blob rather than a ridge: both
@@ -967,7 +1388,7 @@ def _peak_shape(
     Hessian's trace and determinant, ``tr² / det < (r + 1)² / r``; 0: every maximum is). Ridges
     are what the LoG makes of tissue edges, neurites and vessels."""
     h, w = response.shape
-    flat = response.ravel()
+    flat = response.ravel() if sign > 0 else _Negated(response.ravel())
     at = ys * w + xs
     step_x, step_y = (xs < w - 1).astype(np.intp), w * (ys < h - 1)
     back_x, back_y = (xs > 0).astype(np.intp), w * (ys > 0)
@@ -992,3 +1413,13 @@ def _peak_shape(
     ) / 4
     tr, det = dxx + dyy, dxx * dyy - dxy * dxy
     return dx, dy, (tr < 0) & (det > 0) & (tr * tr * ratio < (ratio + 1) ** 2 * det)
+
+
+class _Negated:
+    """``-array[index]`` without negating the whole array (dark blobs' shape test)."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return -self.array[index]

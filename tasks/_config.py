@@ -29,7 +29,19 @@ class cellmap2d(luigi.Config):  # noqa: N801  (the section name in luigi.cfg)
     density_sigma_um = luigi.FloatParameter(default=150.0)
     cell_diameter_um = luigi.FloatParameter(default=15.0)
     detection_method = luigi.Parameter(default="log")
-    detection_threshold = luigi.FloatParameter(default=6.0)
+    detection_threshold = luigi.FloatParameter(
+        default=0.0,
+        description="0: the method's default (log: floor of 3 local noise units under the "
+        "FDR threshold; watershed/trained: 6 noise units)",
+    )
+    detection_fdr = luigi.FloatParameter(
+        default=0.02, description="log: false-detection rate (dark blobs as the null)"
+    )
+    detection_max_cells_per_mm2 = luigi.FloatParameter(
+        default=7500.0,
+        description="flag sections with more cells per mm² of tissue (neurons per mm³ × "
+        "section thickness: 1.5e5 × 0.05 mm); 0: off",
+    )
     detection_model = luigi.Parameter(default="", description="model.joblib for 'trained'")
     registration_pixel_um = luigi.FloatParameter(default=50.0)
     anchoring = luigi.ChoiceParameter(choices=ANCHORING_BACKENDS, default="search")

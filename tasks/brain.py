@@ -29,7 +29,15 @@ from cellmap2d.registration import Refinement
 from ._base import StoreTask
 from ._config import brain_image, brain_sections, brain_spec, cached_atlas, settings
 from .celltypes import PrepareAtlas
-from .sections import DetectCells, RefineSection, SectionThumbnail, load_thumbnail, read_cells
+from .sections import (
+    DETECTION_QC,
+    DetectCells,
+    RefineSection,
+    SectionThumbnail,
+    load_thumbnail,
+    read_cells,
+    read_detection_qc,
+)
 
 
 def per_section(task: type[luigi.Task], brain_id: str) -> dict[int, luigi.Task]:
@@ -220,6 +228,12 @@ class MappedCells(StoreTask):
                 "image": spec.path,
             },
         )
+        # per-section detection QC next to the refinement's, in the same section order
+        sections = adata.uns["cellmap2d"]["sections"]
+        detection = [read_detection_qc(inputs["cells"][int(z)].path) for z in sections["section"]]
+        for key in DETECTION_QC:
+            values = [row[key] for row in detection]
+            sections[key] = np.asarray(values, dtype=str if key == "detection_flag" else None)
         with self.output().temporary_path() as tmp:
             adata.write_h5ad(tmp)
 
@@ -336,7 +350,9 @@ class SectionQC(StoreTask):
 
 
 class SectionsTable(StoreTask):
-    """Per-section QC of a brain: anchoring flag and match, refinement, cell count."""
+    """Per-section QC of a brain: anchoring flag and match, refinement, cell count, detection
+    QC (cells per mm² of tissue, noise, candidates and the fractions rejected by threshold,
+    shape, autofluorescence and border, and ``detection_flag`` for an implausible density)."""
 
     brain_id = luigi.Parameter()
     depends_on_anchoring = True
@@ -361,7 +377,13 @@ class SectionsTable(StoreTask):
             refinement = Refinement.load(target.path)
             n_cells = len(pd.read_csv(i["cells"][z].path, usecols=["section"]))
             rows.append(
-                {"section": z, "n_cells": n_cells, "refinement": refinement.method, **refinement.qc}
+                {
+                    "section": z,
+                    "n_cells": n_cells,
+                    **read_detection_qc(i["cells"][z].path),
+                    "refinement": refinement.method,
+                    **refinement.qc,
+                }
             )
         table = pd.DataFrame(rows)
         if len(anchoring):

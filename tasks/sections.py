@@ -54,15 +54,26 @@ class DetectCells(StoreTask):
         self.progress(f"detecting at level {level}")
         try:
             brain.check_index(self.section, spec.signal_channel, level)
-            # a lazy 2-D view: windows are read as arr[channel, z, y0:y1, x0:x1]
+            # lazy 2-D views: windows are read as arr[channel, z, y0:y1, x0:x1]
             plane = Plane(brain.arrays[level], (spec.signal_channel, self.section))
-            cells = detect_cells_tiled(
+            options: dict = {"method": cfg.detection_method}
+            if cfg.detection_threshold > 0:
+                options["threshold"] = cfg.detection_threshold
+            if cfg.detection_method == "trained":
+                options["model"] = cfg.detection_model
+            if cfg.detection_method == "log":
+                options["fdr"] = cfg.detection_fdr
+                if spec.autofluorescence_channel != spec.signal_channel:
+                    brain.check_index(self.section, spec.autofluorescence_channel, level)
+                    options["autofluorescence"] = Plane(
+                        brain.arrays[level], (spec.autofluorescence_channel, self.section)
+                    )
+            cells, qc = detect_cells_tiled(
                 plane,
                 pixel_size_um=brain.pixel_size_um[level],
                 cell_diameter_um=cfg.cell_diameter_um,
-                method=cfg.detection_method,
-                threshold=cfg.detection_threshold,
-                **({"model": cfg.detection_model} if cfg.detection_method == "trained" else {}),
+                return_qc=True,
+                **options,
             )
         except (ValueError, TypeError, IndexError) as err:
             raise RuntimeError(f"brain {self.brain_id} section {self.section}: {err}") from err
@@ -70,8 +81,77 @@ class DetectCells(StoreTask):
         cells.insert(0, "section", self.section)
         cells["x_px"] = to_level0(cells.pop("x"), factor)
         cells["y_px"] = to_level0(cells.pop("y"), factor)
+        # the QC sidecar first: the cells table (the task's output) marks completion
+        qc = {"section": self.section, "level": level, **qc}
+        qc["detection_flag"] = detection_flag(qc, cfg.detection_max_cells_per_mm2)
+        write_json_atomic(qc_path(self.output().path), qc)
         with self.output().temporary_path() as tmp:
             cells.to_csv(tmp, index=False)
+
+
+# per-section detection QC in qc/sections.csv and uns['cellmap2d']['sections']
+DETECTION_QC = (
+    "cells_per_mm2",
+    "tissue_mm2",
+    "noise",
+    "n_candidates",
+    "rejected_threshold",
+    "rejected_shape",
+    "rejected_autofluorescence",
+    "rejected_border",
+    "detection_threshold",
+    "bleed_through",
+    "detection_flag",
+)
+
+
+def qc_path(cells_csv: str) -> str:
+    """The detection QC sidecar of a section's cells table."""
+    return cells_csv[: -len(".csv")] + ".qc.json" if cells_csv.endswith(".csv") else cells_csv
+
+
+def detection_flag(qc: dict, max_cells_per_mm2: float) -> str:
+    """Why a section's detections are implausible (empty when they are not): more cells per
+    mm² of tissue than ``max_cells_per_mm2`` (see ``detection_max_cells_per_mm2``)."""
+    density = qc.get("cells_per_mm2") or 0.0
+    if max_cells_per_mm2 > 0 and density > max_cells_per_mm2:
+        return f"implausible density {density:.0f} cells/mm² > {max_cells_per_mm2:.0f}"
+    return ""
+
+
+def read_detection_qc(cells_csv: str) -> dict:
+    """A section's detection QC (:data:`DETECTION_QC` keys; NaN / "" where not recorded)."""
+    try:
+        with open(qc_path(cells_csv)) as fh:
+            qc = json.load(fh)
+    except FileNotFoundError:
+        qc = {}
+    qc["detection_threshold"] = qc.get("threshold")
+    out = {}
+    for key in DETECTION_QC:
+        value = qc.get(key)
+        if key == "detection_flag":
+            out[key] = value or ""
+        else:
+            out[key] = float("nan") if value is None else float(value)
+    return out
+
+
+def write_json_atomic(path: str, doc: dict) -> None:
+    import os
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(doc, fh, indent=1, default=_json_default)
+    os.replace(tmp, path)
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, (tuple, np.ndarray)):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value)}")
 
 
 class SectionThumbnail(StoreTask):

@@ -146,7 +146,8 @@ def test_tiled_equals_untiled_with_cells_cut_by_the_border(diameter: float) -> N
     whole = detect_cells(image, **kw)
     tiled = detect_cells_tiled(image, tile=64, workers=2, **kw)
     assert len(tiled) == len(whole)
-    assert np.array_equal(tiled[["x", "y"]].to_numpy(), whole[["x", "y"]].to_numpy())
+    # the border profile fits run in each window's own float order: equal to ~1e-12 px
+    assert np.allclose(tiled[["x", "y"]].to_numpy(), whole[["x", "y"]].to_numpy(), atol=1e-9)
     found = match_points(whole[["x", "y"]].to_numpy(), centres, diameter / 2)
     assert (found >= 0).sum() == len(centres)  # every cut cell, nothing else
     assert len(whole) == len(centres)

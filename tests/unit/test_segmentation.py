@@ -110,7 +110,7 @@ def test_threshold_is_in_image_noise_units(diameter_px: float, noise: float) -> 
     """
     rng = np.random.default_rng(int(noise * 10 + diameter_px))
     image = rng.normal(1000, noise, (256, 256)).astype(np.float32)
-    kwargs = {"pixel_size_um": 1.0, "cell_diameter_um": diameter_px}
+    kwargs = {"pixel_size_um": 1.0, "cell_diameter_um": diameter_px, "threshold_unit": "noise"}
     assert len(detect_cells(image, **kwargs)) == 0
     assert len(detect_cells(image, threshold=4.0, **kwargs)) <= 5
     assert len(detect_cells(image, threshold=2.5, **kwargs)) > 5  # the scale is not inflated
@@ -381,7 +381,7 @@ def test_spread_unit_keeps_cells_and_drops_texture() -> None:
     robust spread over the image) only the cells stand out."""
     image, centres = _textured(13)
     kw = {"pixel_size_um": 1.0, "cell_diameter_um": DIAMETER_UM}
-    noise_unit = detect_cells(image, **kw)
+    noise_unit = detect_cells(image, threshold_unit="noise", **kw)
     assert len(noise_unit) > 2 * len(centres)
     spread_unit = detect_cells(image, threshold_unit="spread", **kw)
     recall, precision, _ = _match(_xy(spread_unit), centres, tol=2.0)
@@ -400,7 +400,8 @@ def test_min_brightness_drops_dim_cells() -> None:
     image = _blobs(centres[bright], np.full(bright.sum(), 10.0), (256, 256), amplitude=200.0)
     image += _blobs(centres[~bright], np.full((~bright).sum(), 10.0), (256, 256), amplitude=40.0)
     image += rng.normal(0, 2, image.shape) - 100
-    kw = {"pixel_size_um": 1.0, "cell_diameter_um": DIAMETER_UM}
+    # min_brightness is what is tested; the noise unit finds every cell here to begin with
+    kw = {"pixel_size_um": 1.0, "cell_diameter_um": DIAMETER_UM, "threshold_unit": "noise"}
     recall, precision, _ = _match(_xy(detect_cells(image, **kw)), centres, tol=2.0)
     assert recall == 1.0 and precision == 1.0
     kept = detect_cells(image, min_brightness=0.5, **kw)
@@ -453,7 +454,21 @@ def _tissue_on_background(background: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 @pytest.mark.parametrize("kind", ["dark tissue edge", "zero padding"])
-def test_tissue_edges_and_padding_give_no_cells(kind: str) -> None:
+@pytest.mark.parametrize(
+    "unit",
+    [
+        "noise",
+        pytest.param(
+            "fdr",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="known gap of the fdr default (Issue 12): next to a noise-only dark "
+                "half its local noise model finds no cell; next to zero padding 8 false cells",
+            ),
+        ),
+    ],
+)
+def test_tissue_edges_and_padding_give_no_cells(kind: str, unit: str) -> None:
     """A straight edge of tissue against darker background is a ridge of LoG maxima, not cells
     (the principal-curvature test drops them: 30+ false cells along a 512-px edge without it);
     zero padding is not tissue and does not shrink the noise estimate (which otherwise drops
@@ -461,7 +476,7 @@ def test_tissue_edges_and_padding_give_no_cells(kind: str) -> None:
     rng = np.random.default_rng(8)
     left = rng.normal(0, 5, (512, 256)) if kind == "dark tissue edge" else np.zeros((512, 256))
     image, centres = _tissue_on_background(left.astype(np.float32))
-    kw = {"pixel_size_um": 1.0, "cell_diameter_um": DIAMETER_UM}
+    kw = {"pixel_size_um": 1.0, "cell_diameter_um": DIAMETER_UM, "threshold_unit": unit}
     found = detect_cells(image, **kw)
     recall, precision, _ = _match(_xy(found), centres, DIAMETER_UM / 2)
     assert recall == 1.0
