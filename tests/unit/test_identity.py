@@ -86,6 +86,9 @@ def test_sample_of_one_type_ranks_it_first_under_every_score(type_maps) -> None:
         "js_distance",
         "log_likelihood",
         "n_cells",
+        "background",
+        "background_low",
+        "background_high",
     ]
 
 
@@ -112,7 +115,9 @@ def test_reference_score_and_other_scores_on_a_hand_computed_case() -> None:
     u = np.array([0.0, 0.0, 0.0, 3.0]).reshape(grid.shape)  # → [0, 0, 0, 1]
     cells = np.array([[50.0, 50.0, 50.0]] * 3 + [[50.0, 50.0, 250.0]])  # s = [.75, 0, .25, 0]
     mask = np.ones(grid.shape, dtype=bool)
-    table = score_types(cells, {"t": t, "u": u}, mask, grid=grid, sigma_um=0.0, n_boot=0)
+    table = score_types(
+        cells, {"t": t, "u": u}, mask, grid=grid, sigma_um=0.0, n_boot=0, background=False
+    )
     row = table.set_index("type").loc["t"]
 
     # MSE over t > 5 % of max (voxels 0, 1): ((.75 − .5)² + (0 − .5)²) / 2 = 0.15625
@@ -383,7 +388,10 @@ def test_noise_correction_gives_a_rare_diffuse_type_its_cells_back() -> None:
         "common": smooth(histogram(pts[keep][:30_000], GRID), GRID, SIGMA),
     }
     sample = uniform(2000)
-    table = score_types(sample, maps, FULL_MASK, grid=GRID, sigma_um=SIGMA, n_boot=20)
+    # no background component: the sample is uniform, so a uniform background would explain it
+    table = score_types(
+        sample, maps, FULL_MASK, grid=GRID, sigma_um=SIGMA, n_boot=20, background=False
+    )
     by_type = table.set_index("type")
     assert by_type.loc["rare", "fraction_em"] < 0.5
     assert by_type.loc["rare", "fraction_emc"] > 0.5
