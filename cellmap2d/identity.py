@@ -129,6 +129,7 @@ def brain_identity(
     region_mask: np.ndarray | None = None,
     mixture: str = "emm",
     rank_by: str = "fraction",
+    background: bool = True,
 ) -> pd.DataFrame:
     """Identity table of one brain, compared only where the brain was sampled.
 
@@ -152,8 +153,9 @@ def brain_identity(
         Optional volume of ``brain_mask.shape`` at the same voxel size (e.g.
         ``np.isin(annotation, ontology.descendants("VISp"))``): compare only inside it, so the
         fractions are the shares of the labeled cells in that region.
-    n_boot, seed, progress, mixture, rank_by
-        As in :func:`score_types`.
+    n_boot, seed, progress, mixture, rank_by, background
+        As in :func:`score_types` (``background``: fit a component of false detections spread
+        uniformly over the compared tissue; the default).
     """
     grid = densities.grid
     brain_mask = np.asarray(brain_mask) != 0
@@ -180,6 +182,7 @@ def brain_identity(
         progress=progress,
         mixture=mixture,
         rank_by=rank_by,
+        background=background,
     )
 
 
@@ -196,6 +199,7 @@ def score_types(
     fold_hemispheres: bool | None = None,
     progress: Callable[[str], None] | None = None,
     mixture: str = "emm",
+    background: bool = True,
 ) -> pd.DataFrame:
     """Score and rank cell types by how well their density explains the sample's cells.
 
@@ -344,11 +348,13 @@ def score_types(
     if s is None:
         raise ValueError("the smoothed sample density has no mass inside the mask")
 
-    # ---- type matrix (types × mask voxels), one type at a time
-    T = np.zeros((len(names), n_mask), dtype=np.float32)
-    n_ref = np.zeros(len(names), dtype=np.float64)
-    n_in_mask = np.zeros(len(names), dtype=np.float64)  # reference cells in the mask
-    sum_sq = np.zeros(len(names), dtype=np.float64)  # Σ p² of the normalised masked density
+    # ---- type matrix (types × mask voxels), one type at a time; with ``background`` one more
+    # row: the background's smoothed map (for NNLS, comparable with the smoothed sample)
+    k = len(names)
+    T = np.zeros((k + int(background), n_mask), dtype=np.float32)
+    n_ref = np.zeros(k, dtype=np.float64)
+    n_in_mask = np.zeros(k, dtype=np.float64)  # reference cells in the mask
+    sum_sq = np.zeros(k, dtype=np.float64)  # Σ p² of the normalised masked density
     for i, name in enumerate(names):
         if isinstance(densities, DensityFile):
             values = densities.read_masked(name, mask)
@@ -367,57 +373,67 @@ def score_types(
             n_in_mask[i] = total
             sum_sq[i] = float(np.square(T[i], dtype=np.float64).sum())
         say(f"types {i + 1}/{len(names)}: {name}")
-    has_mass = T.sum(axis=1, dtype=np.float64) > 0
+    has_mass = T[:k].sum(axis=1, dtype=np.float64) > 0
+    # rows of the cell-likelihood fits in the full (types + background) index space
+    rows = np.flatnonzero(has_mass)
+    if background:
+        T[k] = sample.uniform(smoothed=True)
+        rows = np.append(rows, k)
 
-    # ---- mixture fits and bootstrap
+    # ---- mixture fits and bootstrap (full weight vectors: types, then background)
     solver = _MixtureSolver(T)
-    fraction_nnls = solver.fit(_matvec(T, s))
+    full_nnls = solver.fit(_matvec(T, s))
     in_mask = sample.mask_pos >= 0
     cell_pos = sample.mask_pos[in_mask]
+    cell_w = sample.counts[in_mask]
     floor = LOG_FLOOR / n_mask
     L = np.maximum(T[np.ix_(has_mass, cell_pos)].astype(np.float64), floor)
-    fraction_em = np.zeros(len(names))
-    fraction_em[has_mass] = em_mixture(L, sample.counts[in_mask])
+    if background:
+        L = np.vstack([L, np.maximum(sample.uniform(smoothed=False)[cell_pos], floor)])
     ref_sigma = densities.sigma_um if isinstance(densities, DensityFile) else sigma_um
     bonus = reference_noise_bonus(n_in_mask[has_mass], sum_sq[has_mass], ref_sigma / grid.voxel_um)
-    Lc = L * np.exp(bonus)[:, None]
-    fraction_emc = np.zeros(len(names))
-    fraction_emc[has_mass] = em_mixture(Lc, sample.counts[in_mask])
     bonus_m = reference_noise_bonus(
         n_in_mask[has_mass],
         sum_sq[has_mass],
         ref_sigma / grid.voxel_um,
         weight=MIXTURE_NOISE_WEIGHT,
     )
-    fraction_emm = np.zeros(len(names))
-    fraction_emm[has_mass] = emm_mixture(
-        L, bonus_m, sample.counts[in_mask], starts=(fraction_em[has_mass], fraction_emc[has_mass])
-    )
-    fraction = {
-        "emm": fraction_emm,
-        "emc": fraction_emc,
-        "em": fraction_em,
-        "nnls": fraction_nnls,
-    }[mixture]
-    low = np.full(len(names), np.nan)
-    high = np.full(len(names), np.nan)
+    if background:  # the background density is exact: no reference-noise bonus
+        bonus, bonus_m = np.append(bonus, 0.0), np.append(bonus_m, 0.0)
+    Lc = L * np.exp(bonus)[:, None]
+
+    def full(f: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(T))
+        out[rows] = f
+        return out
+
+    full_em = full(em_mixture(L, cell_w))
+    full_emc = full(em_mixture(Lc, cell_w))
+    full_emm = full(emm_mixture(L, bonus_m, cell_w, starts=(full_em[rows], full_emc[rows])))
+    fits = {"emm": full_emm, "emc": full_emc, "em": full_em, "nnls": full_nnls}
+    chosen = fits[mixture]
+    fraction_of = {m: _type_shares(f, k) for m, f in fits.items()}
+    fraction = fraction_of[mixture]
+    low = np.full(k, np.nan)
+    high = np.full(k, np.nan)
+    bg_low = bg_high = np.nan
     if n_boot > 0:
         rng = np.random.default_rng(seed)
-        boots = np.zeros((n_boot, len(names)))
+        boots = np.zeros((n_boot, len(T)))
         valid = np.zeros(n_boot, dtype=bool)
         # the cell-likelihood fits, refitted to resampled cell counts from the full-data fit
         refit: dict[str, Callable[[np.ndarray], np.ndarray]] = {
             "emm": lambda w: emm_mixture(
-                L, bonus_m, w, starts=(fraction[has_mass],), uniform=False, tol=_BOOT_TOL
+                L, bonus_m, w, starts=(chosen[rows],), uniform=False, tol=_BOOT_TOL
             ),
-            "emc": lambda w: em_mixture(Lc, w, start=fraction[has_mass]),
-            "em": lambda w: em_mixture(L, w, start=fraction[has_mass]),
+            "emc": lambda w: em_mixture(Lc, w, start=chosen[rows]),
+            "em": lambda w: em_mixture(L, w, start=chosen[rows]),
         }
         if mixture in refit:
             for b in range(n_boot):
                 w = sample.resample(rng)[in_mask]
                 if w.sum() > 0:
-                    boots[b, has_mass] = refit[mixture](w)
+                    boots[b, rows] = refit[mixture](w)
                     valid[b] = True
                 if (b + 1) % 16 == 0 or b + 1 == n_boot:
                     say(f"bootstrap {b + 1}/{n_boot}")
@@ -438,23 +454,40 @@ def score_types(
                 valid[start:stop] = ok
                 say(f"bootstrap {stop}/{n_boot}")
         if valid.any():
-            low, high = np.percentile(boots[valid], [2.5, 97.5], axis=0)
+            shares = np.array([_type_shares(f, k) for f in boots[valid]])
+            low, high = np.percentile(shares, [2.5, 97.5], axis=0)
+            if background:
+                bg_low, bg_high = np.percentile(boots[valid, k], [2.5, 97.5])
 
-    # ---- scores
-    scores = _scores(T, s, sample, n_mask)
+    # ---- scores; with a background, on the cells and map the default fit gives to the types
+    s_types, ll_weight = s, None
+    if background:
+        beta = float(chosen[k])
+        cleaned = np.clip(s - beta * T[k].astype(np.float64), 0.0, None)
+        if cleaned.sum() > 0:
+            s_types = cleaned / cleaned.sum()
+        mix = chosen[rows] @ L
+        ll_weight = cell_w * np.clip(1.0 - chosen[k] * L[-1] / mix, 0.0, 1.0)
+        if not ll_weight.sum() > 0:
+            ll_weight = None
+    scores = _scores(T[:k], s_types, sample, n_mask, ll_weight)
 
+    nan = float("nan")
     table = pd.DataFrame(
         {
             "type": names,
             "fraction": fraction,
             "fraction_low": low,
             "fraction_high": high,
-            "fraction_emm": fraction_emm,
-            "fraction_emc": fraction_emc,
-            "fraction_em": fraction_em,
-            "fraction_nnls": fraction_nnls,
+            "fraction_emm": fraction_of["emm"],
+            "fraction_emc": fraction_of["emc"],
+            "fraction_em": fraction_of["em"],
+            "fraction_nnls": fraction_of["nnls"],
             **scores,
             "n_cells": n_ref,
+            "background": float(chosen[k]) if background else nan,
+            "background_low": bg_low,
+            "background_high": bg_high,
         }
     )
     table.loc[~has_mass, ["reference_score", "pearson", "js_distance"]] = np.nan
@@ -476,9 +509,19 @@ def score_types(
             "voxel_um": float(grid.voxel_um),
             "rank_by": rank_by,
             "mixture": mixture,
+            "background": bool(background),
+            # every fit's background share (of the detections in the mask)
+            **{f"background_{m}": float(f[k]) if background else nan for m, f in fits.items()},
         }
     )
     return table
+
+
+def _type_shares(f: np.ndarray, k: int) -> np.ndarray:
+    """The first ``k`` (type) weights of a fit renormalised to sum 1 (zeros if none)."""
+    types = np.asarray(f[:k], dtype=np.float64)
+    total = float(types.sum())
+    return types / total if total > 0 else np.zeros(k)
 
 
 class _Sample:
@@ -525,6 +568,19 @@ class _Sample:
     def resample(self, rng: np.random.Generator) -> np.ndarray:
         """Counts per occupied voxel of one bootstrap resample of all cells."""
         return rng.multinomial(self.n_total, self._p)[:-1]
+
+    def uniform(self, *, smoothed: bool) -> np.ndarray:
+        """The background density: uniform over the mask's voxels (folded like the cells),
+        optionally smoothed like the sample; normalised over the mask (float64, mask order)."""
+        vol = self.crop_mask.astype(np.float64)
+        if smoothed and self.sigma_vox > 0:
+            vol = ndimage.gaussian_filter(
+                vol, sigma=self.sigma_vox, mode="reflect", truncate=_TRUNCATE
+            )
+        if self.fold:
+            _fold_ml(vol, self.grid)
+        values = vol[self.crop_mask]
+        return values / values.sum()
 
     def vector(self, counts: np.ndarray) -> np.ndarray | None:
         """Smoothed density normalised over the mask (float64, mask order); None if no mass."""
@@ -924,7 +980,15 @@ def score_fractions(table: pd.DataFrame, score: str, *, n_cells: int | None = No
     return pd.Series(z, index=pd.Index(table["type"].astype(str), name="type"), name=score)
 
 
-def _scores(T: np.ndarray, s: np.ndarray, sample: _Sample, n_mask: int) -> dict[str, np.ndarray]:
+def _scores(
+    T: np.ndarray,
+    s: np.ndarray,
+    sample: _Sample,
+    n_mask: int,
+    cell_weight: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Map scores of every type against the sample map ``s``; ``log_likelihood`` over the
+    occupied voxels in the mask weighted by ``cell_weight`` (default: their cell counts)."""
     k = T.shape[0]
     ref = np.full(k, np.nan)
     pearson = np.full(k, np.nan)
@@ -957,7 +1021,8 @@ def _scores(T: np.ndarray, s: np.ndarray, sample: _Sample, n_mask: int) -> dict[
         js[lo : lo + rows] = np.where(ok, np.sqrt(np.clip(div, 0.0, 1.0)), np.nan)
     # log-likelihood of the sample cells inside the mask
     in_mask = sample.mask_pos >= 0
-    pos, weight = sample.mask_pos[in_mask], sample.counts[in_mask].astype(np.float64)
+    pos = sample.mask_pos[in_mask]
+    weight = (sample.counts[in_mask] if cell_weight is None else cell_weight).astype(np.float64)
     floor = LOG_FLOOR / n_mask
     log_density = np.log(np.maximum(T[:, pos].astype(np.float64), floor))
     loglik = log_density @ weight / weight.sum()

@@ -59,6 +59,11 @@ class cellmap2d(luigi.Config):  # noqa: N801  (the section name in luigi.cfg)
         default="emm",
         description="the mixture fit that is `fraction` (see identity.brain_identity)",
     )
+    identity_background = luigi.BoolParameter(
+        default=True,
+        parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+        description="fit a background component of false detections (identity.brain_identity)",
+    )
 
 
 def settings() -> cellmap2d:

@@ -75,6 +75,7 @@ class Identity(StoreTask):
                 progress=self.progress,
                 region_mask=region_mask,
                 mixture=settings().identity_mixture,
+                background=settings().identity_background,
             )
         with self.output().temporary_path() as tmp:
             table.to_csv(tmp, index=False)
