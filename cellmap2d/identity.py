@@ -408,8 +408,22 @@ def score_types(
         return out
 
     full_em = full(em_mixture(L, cell_w))
-    full_emc = full(em_mixture(Lc, cell_w))
-    full_emm = full(emm_mixture(L, bonus_m, cell_w, starts=(full_em[rows], full_emc[rows])))
+    if background:
+        # the reference-noise bonuses would let diffuse, rarely sampled types take the false
+        # detections from the exact background: the corrected fits keep the plain EM's
+        # background share and fit the types to each cell's chance of being a real cell
+        share, cell_real = _real_cell_weights(L, full_em[rows], cell_w)
+        if not cell_real.sum() > 0:  # every detection is background: nothing to share out
+            cell_real = cell_w.astype(np.float64)
+        types_emc = em_mixture(Lc[:-1], cell_real)
+        types_emm = emm_mixture(
+            L[:-1], bonus_m[:-1], cell_real, starts=(full_em[rows][:-1], types_emc)
+        )
+        full_emc = full(np.append((1 - share) * types_emc, share))
+        full_emm = full(np.append((1 - share) * types_emm, share))
+    else:
+        full_emc = full(em_mixture(Lc, cell_w))
+        full_emm = full(emm_mixture(L, bonus_m, cell_w, starts=(full_em[rows], full_emc[rows])))
     fits = {"emm": full_emm, "emc": full_emc, "em": full_em, "nnls": full_nnls}
     chosen = fits[mixture]
     fraction_of = {m: _type_shares(f, k) for m, f in fits.items()}
@@ -429,6 +443,23 @@ def score_types(
             "emc": lambda w: em_mixture(Lc, w, start=chosen[rows]),
             "em": lambda w: em_mixture(L, w, start=chosen[rows]),
         }
+        if background:
+
+            def corrected(w: np.ndarray, fit: str) -> np.ndarray:
+                share, real = _real_cell_weights(L, em_mixture(L, w, start=full_em[rows]), w)
+                if not real.sum() > 0:
+                    real = w.astype(np.float64)
+                start = chosen[rows][:-1] / max(1 - chosen[k], 1e-12)
+                if fit == "emc":
+                    types = em_mixture(Lc[:-1], real, start=start)
+                else:
+                    types = emm_mixture(
+                        L[:-1], bonus_m[:-1], real, starts=(start,), uniform=False, tol=_BOOT_TOL
+                    )
+                return np.append((1 - share) * types, share)
+
+            refit["emm"] = lambda w: corrected(w, "emm")
+            refit["emc"] = lambda w: corrected(w, "emc")
         if mixture in refit:
             for b in range(n_boot):
                 w = sample.resample(rng)[in_mask]
@@ -515,6 +546,16 @@ def score_types(
         }
     )
     return table
+
+
+def _real_cell_weights(
+    L: np.ndarray, fit: np.ndarray, weights: np.ndarray
+) -> tuple[float, np.ndarray]:
+    """The background share of a fit whose last row of ``L`` is the background, and each
+    occupied voxel's cell weight × its posterior chance of holding real cells."""
+    mix = np.maximum(fit @ L, 1e-300)
+    real = weights * np.clip(1.0 - fit[-1] * L[-1] / mix, 0.0, 1.0)
+    return float(fit[-1]), real
 
 
 def _type_shares(f: np.ndarray, k: int) -> np.ndarray:

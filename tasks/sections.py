@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import ants  # noqa: F401  (imported once before the workers fork, not once per task)
 import luigi
@@ -84,6 +85,7 @@ class DetectCells(StoreTask):
         # the QC sidecar first: the cells table (the task's output) marks completion
         qc = {"section": self.section, "level": level, **qc}
         qc["detection_flag"] = detection_flag(qc, cfg.detection_max_cells_per_mm2)
+        os.makedirs(os.path.dirname(self.output().path), exist_ok=True)
         write_json_atomic(qc_path(self.output().path), qc)
         with self.output().temporary_path() as tmp:
             cells.to_csv(tmp, index=False)
