@@ -1048,9 +1048,10 @@ def _field_tissue(shape: tuple[int, int], pixel_um: float, rng: np.random.Genera
     tract = np.abs(line_distance(rng.uniform(0.3, 0.5)))
     half_width = rng.uniform(0.04, 0.08) * extent
     grey = 120.0 * (1 + 0.08 * _smooth_field(shape, pixel_um, 300.0, rng))
-    wm = 1 / (1 + np.exp((tract - half_width) / 15.0))  # soft edge over ~15 µm
+    with np.errstate(over="ignore"):  # exp → inf far from the edges gives the limit 0
+        wm = 1 / (1 + np.exp((tract - half_width) / 15.0))  # soft edge over ~15 µm
+        inside = 1 / (1 + np.exp(edge / 3.0))  # tissue boundary sharp to ~3 µm
     value = grey * (1 - wm) + 225.0 * wm
-    inside = 1 / (1 + np.exp(edge / 3.0))  # tissue boundary sharp to ~3 µm
     return (value * inside * (inside > 0.01)).astype(np.float32)
 
 
