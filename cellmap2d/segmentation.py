@@ -148,6 +148,23 @@ def detect_cells(
 ) -> pd.DataFrame:
     """Detect labeled cells as bright blobs of about ``cell_diameter_um``.
 
+    Default (``log`` with ``threshold_unit="fdr"``), needing only the cell diameter and the
+    pixel size: the signal, less the autofluorescence's bleed-through when ``autofluorescence=``
+    is given (a robust slope of signal on autofluorescence over the tissue), is filtered by a
+    scale-normalised LoG at 0.8 × the cell's scale, in units of a *local* noise model (the
+    pixel noise as a function of the local level, fitted on tissue blocks: shot noise grows
+    with intensity). Candidates are the response maxima; the threshold is the lowest at which
+    the dark blobs (response minima, which noise and texture make as often as bright blobs
+    while cells make only bright ones) number at most ``fdr`` (default 0.02) of the bright
+    candidates above it, never below ``threshold`` (default 3) local noise units. Candidates
+    fail as ridges (principal-curvature test), as too small (half-scale LoG), or as
+    both-channel objects (dust, lipofuscin: a blob in the autofluorescence at least 0.25 of
+    the signal's). ``return_qc=True`` also returns a dict: tissue area (mm²), noise, threshold,
+    number of candidates, the fraction rejected for each reason (``rejected_threshold``,
+    ``rejected_shape``, ``rejected_autofluorescence``, ``rejected_border``), cells per mm² of
+    tissue; the same dict is in the result's ``attrs["qc"]``. The other units below are the
+    previous defaults (``threshold_unit="noise"``, ``threshold=6``).
+
     ``log`` (default): scale-normalised Laplacian of Gaussian at the cell size (separable
     float32 OpenCV filters, on a block-mean image when cells span many pixels so the LoG scale
     there stays ≥ 1.5 px); with ``scales``, at several sizes, a cell being a spatial maximum of

@@ -30,7 +30,9 @@ def test_realistic_field_unseen_seed(seed: int) -> None:
     cells = segmentation.detect_cells(
         signal, pixel_size_um=PIXEL_UM, cell_diameter_um=CELL_UM, autofluorescence=auto
     )
-    found = match_points(cells[["x", "y"]].to_numpy(), truth[["x", "y"]].to_numpy(), CELL_UM / 2 / PIXEL_UM)
+    found = match_points(
+        cells[["x", "y"]].to_numpy(), truth[["x", "y"]].to_numpy(), CELL_UM / 2 / PIXEL_UM
+    )
     hit = np.zeros(len(truth), bool)
     hit[found[found >= 0]] = True
     assert (found >= 0).mean() >= 0.90
