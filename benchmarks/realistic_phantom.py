@@ -41,17 +41,7 @@ PIXEL_UM, CELL_UM = 1.4, 15.0
 
 def noise_only() -> Realism:
     """The realistic camera and background level with every spatial effect off."""
-    return dataclasses.replace(
-        Realism.realistic(),
-        texture=0.0,
-        illumination=0.0,
-        vignetting=0.0,
-        tile_jitter=0.0,
-        section_gain=0.0,
-        streaks_per_mm2=0.0,
-        specks_per_mm2=(0.0, 0.0, 0.0),
-        out_of_focus=0.0,
-    )
+    return Realism.flat(out_of_focus=0.0)
 
 
 # one realistic effect at a time on top of "noise only": which ones make false detections

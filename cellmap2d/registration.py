@@ -102,18 +102,7 @@ class Refinement:
 
 def tissue_mask(image: np.ndarray, *, smooth_px: float = 1.0) -> np.ndarray:
     """Foreground by Otsu's threshold on a smoothed image, holes filled, largest parts kept."""
-    from skimage.filters import threshold_otsu
-
-    smooth = ndi.gaussian_filter(np.asarray(image, dtype=np.float32), smooth_px)
-    if float(smooth.max()) == float(smooth.min()):
-        return np.zeros(smooth.shape, dtype=bool)
-    mask = smooth > threshold_otsu(smooth)
-    mask = ndi.binary_fill_holes(ndi.binary_opening(mask, iterations=1))
-    labels, n = ndi.label(mask)
-    if n > 1:
-        sizes = ndi.sum(mask, labels, range(1, n + 1))
-        mask = np.isin(labels, 1 + np.flatnonzero(sizes >= 0.05 * sizes.max()))
-    return mask
+    return _otsu_mask(image, smooth_px=smooth_px)
 
 
 def _outline_mask(image: np.ndarray) -> np.ndarray:
@@ -123,12 +112,22 @@ def _outline_mask(image: np.ndarray) -> np.ndarray:
     :func:`tissue_mask` leaves out white matter that is dark in a template, which would bias
     the area (hence the scale) of the placement.
     """
+    return _otsu_mask(image, smooth_px=2.0, fraction=0.5, close_iterations=3)
+
+
+def _otsu_mask(
+    image: np.ndarray, *, smooth_px: float, fraction: float = 1.0, close_iterations: int = 0
+) -> np.ndarray:
+    """Pixels above ``fraction`` × Otsu's threshold of the smoothed image, optionally closed,
+    opened, holes filled; parts under 5 % of the largest dropped."""
     from skimage.filters import threshold_otsu
 
-    smooth = ndi.gaussian_filter(np.asarray(image, dtype=np.float32), 2.0)
+    smooth = ndi.gaussian_filter(np.asarray(image, dtype=np.float32), smooth_px)
     if float(smooth.max()) == float(smooth.min()):
         return np.zeros(smooth.shape, dtype=bool)
-    mask = ndi.binary_closing(smooth > 0.5 * threshold_otsu(smooth), iterations=3)
+    mask = smooth > fraction * threshold_otsu(smooth)
+    if close_iterations:
+        mask = ndi.binary_closing(mask, iterations=close_iterations)
     mask = ndi.binary_fill_holes(ndi.binary_opening(mask, iterations=1))
     labels, n = ndi.label(mask)
     if n > 1:

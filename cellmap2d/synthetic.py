@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -730,6 +730,22 @@ class Realism:
     def realistic(cls) -> Realism:
         """A 16-bit slide scanner's section (the field defaults)."""
         return cls()
+
+    @classmethod
+    def flat(cls, **changes: object) -> Realism:
+        """The realistic camera and background level with every spatial effect off (texture,
+        illumination, vignetting, tile seams, section gain, streaks, specks), then
+        ``changes``: noise and a flat background, for measuring one effect at a time."""
+        off = dict(
+            texture=0.0,
+            illumination=0.0,
+            vignetting=0.0,
+            tile_jitter=0.0,
+            section_gain=0.0,
+            streaks_per_mm2=0.0,
+            specks_per_mm2=(0.0, 0.0, 0.0),
+        )
+        return replace(cls.realistic(), **{**off, **changes})
 
     @classmethod
     def from_dict(cls, doc: Mapping) -> Realism:

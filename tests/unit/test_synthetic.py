@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from pathlib import Path
 
@@ -331,20 +330,6 @@ def test_realistic_field_is_deterministic_per_seed() -> None:
     assert not np.array_equal(a[0], c[0])
 
 
-def _flat(**changes) -> Realism:
-    """The realistic model with every spatial effect off: only noise and flat background."""
-    base = dict(
-        texture=0.0,
-        illumination=0.0,
-        vignetting=0.0,
-        tile_jitter=0.0,
-        section_gain=0.0,
-        streaks_per_mm2=0.0,
-        specks_per_mm2=(0.0, 0.0, 0.0),
-    )
-    return dataclasses.replace(Realism.realistic(), **{**base, **changes})
-
-
 @pytest.mark.parametrize(("gain", "read_noise"), [(2.0, 6.0), (5.0, 15.0)])
 def test_noise_is_poisson_gaussian(gain: float, read_noise: float) -> None:
     """On flat patches the variance is gain · (mean − offset) + read², at several levels.
@@ -352,7 +337,7 @@ def test_noise_is_poisson_gaussian(gain: float, read_noise: float) -> None:
     The expected means follow from the documented model: offset + bleed · (glass + auto_level
     · t) + stain · t in the signal, offset + glass + auto_level · t in the autofluorescence.
     """
-    r = _flat(gain=gain, read_noise=read_noise)
+    r = Realism.flat(gain=gain, read_noise=read_noise)
     for level in (60.0, 120.0, 225.0):  # template value: t = 0.5, 1, 1.875
         tissue = np.full((400, 400), level, dtype=np.float32)
         image, _, _ = _render_realistic(
@@ -389,7 +374,7 @@ def test_bleed_through_follows_the_autofluorescence() -> None:
             np.empty((0, 2)),
             pixel_size_um=2.0,
             cell_diameter_um=15.0,
-            realism=_flat(texture=0.25, bleed=bleed),
+            realism=Realism.flat(texture=0.25, bleed=bleed),
             rng=np.random.default_rng(7),
         )
         sig, auto = (ndi.uniform_filter(c.astype(np.float64), 4)[8:-8, 8:-8] for c in image)
